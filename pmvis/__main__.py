@@ -1,0 +1,3 @@
+from pmvis.cli import main
+
+raise SystemExit(main())
