@@ -1,0 +1,1 @@
+"""One module per user command; each is thin: parse arguments, call platform/models, report."""

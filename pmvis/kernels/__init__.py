@@ -1,0 +1,1 @@
+"""Loss and mask kernels (torch reference paths and fused GPU paths)."""

@@ -1,0 +1,1 @@
+"""The VIS model and the pseudo-mask sources."""

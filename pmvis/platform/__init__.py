@@ -1,0 +1,1 @@
+"""Ray + MLflow glue, configs, storage, YTVIS I/O and evaluation."""

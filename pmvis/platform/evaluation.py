@@ -1,0 +1,344 @@
+"""YouTube-VIS evaluation with the official ``ytvoseval`` semantics, vectorised with pycocotools.
+
+Semantics (youtubevos/cocoapi ``ytvoseval.py``), reproduced exactly:
+
+* spatio-temporal IoU = Σ_t |D∩G| / Σ_t |D∪G|; a frame where only one side has a mask adds that
+  mask's area to the union; 0 when the union is empty;
+* matching per video and category, detections sorted by score (stable), at most 100 per
+  video/category, greedy COCO matching per IoU threshold (.50:.05:.95), crowd ground truth is
+  ignored and may absorb several detections (crowd IoU is the plain IoU in ytvoseval);
+* area ranges on the average of an instance's non-null, non-zero per-frame areas (ground truth:
+  the file's ``areas``; detections: computed from the masks): all, small < 128², medium, large
+  > 256²; unmatched detections outside the range are ignored;
+* accumulation with 101 recall points and maxDets 1/10/100; -1 where a stat is undefined.
+
+Where the official code loops over every detection/ground-truth pair and frame merging RLEs,
+here each frame of a video costs one ``pycocotools.mask.iou`` call for all of the video's
+detections × ground truths; intersections are recovered exactly from IoU and the two areas
+(they are integers), unions follow from the per-track area sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset, to_coco_rles
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+MAX_DETS = (1, 10, 100)
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e5**2),
+    "small": (0.0, 128.0**2),
+    "medium": (128.0**2, 256.0**2),
+    "large": (256.0**2, 1e5**2),
+}
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
+
+
+# ----------------------------------------------------------------------------- spatio-temporal IoU
+
+
+def track_intersections(
+    dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Sequence[Sequence[Rle | None]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σ_t |D∩G| for every (detection, ground truth) pair, and each track's Σ_t area.
+
+    One pycocotools IoU matrix per frame over the masks present in that frame. Returns
+    ``(inter (nd, ng), dt_area (nd,), gt_area (ng,))`` as float64 holding exact integers.
+    """
+    nd, ng = len(dt_tracks), len(gt_tracks)
+    inter = np.zeros((nd, ng))
+    dt_area = np.zeros(nd)
+    gt_area = np.zeros(ng)
+    if nd == 0 and ng == 0:
+        return inter, dt_area, gt_area
+    length = len(dt_tracks[0]) if nd else len(gt_tracks[0])
+    for t in range(length):
+        d_idx = [i for i in range(nd) if dt_tracks[i][t] is not None]
+        g_idx = [j for j in range(ng) if gt_tracks[j][t] is not None]
+        if d_idx:
+            d_rles = to_coco_rles([dt_tracks[i][t] for i in d_idx])
+            d_areas = mask_utils.area(d_rles).astype(np.float64)
+            dt_area[d_idx] += d_areas
+        if g_idx:
+            g_rles = to_coco_rles([gt_tracks[j][t] for j in g_idx])
+            g_areas = mask_utils.area(g_rles).astype(np.float64)
+            gt_area[g_idx] += g_areas
+        if d_idx and g_idx:
+            iou = np.asarray(mask_utils.iou(d_rles, g_rles, [0] * len(g_idx)), dtype=np.float64)
+            area_sum = d_areas[:, None] + g_areas[None, :]
+            # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
+            frame_inter = np.rint(np.nan_to_num(iou) * area_sum / (1.0 + np.nan_to_num(iou)))
+            inter[np.ix_(d_idx, g_idx)] += frame_inter
+    return inter, dt_area, gt_area
+
+
+def spatio_temporal_iou(inter: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray) -> np.ndarray:
+    union = dt_area[:, None] + gt_area[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _average_area(areas: Sequence[float | None]) -> float:
+    """ytvoseval's ``avg_area``: mean over frames with a truthy area (None and 0 are skipped)."""
+    present = [a for a in areas if a]
+    return float(np.mean(present)) if present else 0.0
+
+
+def _mask_areas(segmentations: Sequence[Rle | None]) -> list[float]:
+    present = [s for s in segmentations if s is not None]
+    return mask_utils.area(to_coco_rles(present)).tolist() if present else []
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+@dataclass
+class _VideoCategoryEval:
+    dt_scores: np.ndarray  # (D,)
+    dt_matched: np.ndarray  # (A, T, D) bool
+    dt_ignore: np.ndarray  # (A, T, D) bool
+    gt_ignore: np.ndarray  # (A, G) bool
+
+
+def _match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COCO greedy matching of score-sorted detections to ground truth sorted non-ignored first."""
+    n_thr = len(IOU_THRESHOLDS)
+    nd, ng = ious.shape
+    gt_taken = np.zeros((n_thr, ng), dtype=bool)
+    dt_matched = np.zeros((n_thr, nd), dtype=bool)
+    dt_ignore = np.zeros((n_thr, nd), dtype=bool)
+    if ng == 0:
+        return dt_matched, dt_ignore
+    for ti, thr in enumerate(IOU_THRESHOLDS):
+        for di in range(nd):
+            best_iou = min(thr, 1 - 1e-10)
+            m = -1
+            for gi in range(ng):
+                if gt_taken[ti, gi] and not gt_crowd[gi]:
+                    continue
+                if m > -1 and not gt_ignore[m] and gt_ignore[gi]:
+                    break
+                if ious[di, gi] < best_iou:
+                    continue
+                best_iou = ious[di, gi]
+                m = gi
+            if m == -1:
+                continue
+            dt_ignore[ti, di] = gt_ignore[m]
+            dt_matched[ti, di] = True
+            gt_taken[ti, m] = True
+    return dt_matched, dt_ignore
+
+
+def _evaluate_video_category(
+    ious: np.ndarray, dt_scores: np.ndarray, dt_avg_area: np.ndarray, gt_avg_area: np.ndarray,
+    gt_crowd: np.ndarray,
+) -> _VideoCategoryEval:
+    """Match once per area range (rows of ious: detections sorted by score, cut to maxDets[-1])."""
+    n_area, n_thr = len(AREA_RANGES), len(IOU_THRESHOLDS)
+    nd, ng = ious.shape
+    out = _VideoCategoryEval(
+        dt_scores=dt_scores,
+        dt_matched=np.zeros((n_area, n_thr, nd), dtype=bool),
+        dt_ignore=np.zeros((n_area, n_thr, nd), dtype=bool),
+        gt_ignore=np.zeros((n_area, ng), dtype=bool),
+    )
+    for ai, (lo, hi) in enumerate(AREA_RANGES.values()):
+        gt_ig = gt_crowd | (gt_avg_area < lo) | (gt_avg_area > hi)
+        order = np.argsort(gt_ig, kind="mergesort")
+        matched, ignored = _match(ious[:, order], gt_ig[order], gt_crowd[order])
+        out_of_range = (dt_avg_area < lo) | (dt_avg_area > hi)
+        out.dt_matched[ai] = matched
+        out.dt_ignore[ai] = ignored | (~matched & out_of_range[None, :])
+        out.gt_ignore[ai] = gt_ig
+    return out
+
+
+# ----------------------------------------------------------------------------- accumulate
+
+
+def _accumulate(evals: dict[int, list[_VideoCategoryEval]], cat_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """COCO accumulation → precision (T, R, K, A, M) and recall (T, K, A, M), -1 where undefined."""
+    n_thr, n_rec, n_cat = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(cat_ids)
+    n_area, n_md = len(AREA_RANGES), len(MAX_DETS)
+    precision = -np.ones((n_thr, n_rec, n_cat, n_area, n_md))
+    recall = -np.ones((n_thr, n_cat, n_area, n_md))
+    for k, cid in enumerate(cat_ids):
+        E = evals.get(cid, [])
+        if not E:
+            continue
+        for a in range(n_area):
+            gt_ig = np.concatenate([e.gt_ignore[a] for e in E])
+            n_pos = int(np.count_nonzero(~gt_ig))
+            if n_pos == 0:
+                continue
+            for m, max_det in enumerate(MAX_DETS):
+                scores = np.concatenate([e.dt_scores[:max_det] for e in E])
+                order = np.argsort(-scores, kind="mergesort")
+                matched = np.concatenate([e.dt_matched[a][:, :max_det] for e in E], axis=1)[:, order]
+                ignored = np.concatenate([e.dt_ignore[a][:, :max_det] for e in E], axis=1)[:, order]
+                tps = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
+                fps = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
+                nd = tps.shape[1]
+                for t in range(n_thr):
+                    tp, fp = tps[t], fps[t]
+                    rc = tp / n_pos
+                    pr = tp / (fp + tp + np.spacing(1))
+                    recall[t, k, a, m] = rc[-1] if nd else 0.0
+                    # precision envelope: make it non-increasing from the right
+                    pr = np.maximum.accumulate(pr[::-1])[::-1] if nd else pr
+                    idx = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
+                    q = np.zeros(n_rec)
+                    valid = idx < nd
+                    q[valid] = pr[idx[valid]]
+                    precision[t, :, k, a, m] = q
+    return precision, recall
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    defined = values[values > -1]
+    return float(np.mean(defined)) if defined.size else -1.0
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclass
+class EvalResult:
+    """Official stats ×100 (None where the official evaluator gives −1) and per-category AP."""
+
+    metrics: dict[str, float | None]
+    per_category: dict[str, float | None]
+    precision: np.ndarray = field(repr=False)
+    recall: np.ndarray = field(repr=False)
+
+    def to_json(self) -> dict:
+        return {**self.metrics, "per_category_AP": self.per_category}
+
+
+def _percent(value: float) -> float | None:
+    return None if value == -1 else round(100.0 * value, 4)
+
+
+def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result]) -> EvalResult:
+    """AP/AR of ``results`` against ``gt`` with the official ytvoseval semantics (see module doc)."""
+    cat_ids = sorted(gt.categories)
+    gt_by_video = gt.annotations_by_video()
+    dt_by_video: dict[int, list[Result]] = {vid: [] for vid in gt.videos}
+    for r in results:
+        dt_by_video[r.video_id].append(r)
+
+    evals: dict[int, list[_VideoCategoryEval]] = {cid: [] for cid in cat_ids}
+    for vid in sorted(gt.videos):
+        gts: list[Annotation] = gt_by_video[vid]
+        dts = dt_by_video[vid]
+        if not gts and not dts:
+            continue
+        inter, dt_area, gt_area = track_intersections(
+            [d.segmentations for d in dts], [g.segmentations for g in gts]
+        )
+        ious_all = spatio_temporal_iou(inter, dt_area, gt_area)
+        dt_avg = np.array([_average_area(_mask_areas(d.segmentations)) for d in dts])
+        gt_avg = np.array([_average_area(g.areas) for g in gts])
+        for cid in cat_ids:
+            d_idx = [i for i, d in enumerate(dts) if d.category_id == cid]
+            g_idx = [j for j, g in enumerate(gts) if g.category_id == cid]
+            if not d_idx and not g_idx:
+                continue
+            scores = np.array([dts[i].score for i in d_idx], dtype=np.float64)
+            order = np.argsort(-scores, kind="mergesort")[: MAX_DETS[-1]]
+            d_sel = np.array(d_idx, dtype=int)[order]
+            g_sel = np.array(g_idx, dtype=int)
+            evals[cid].append(_evaluate_video_category(
+                ious_all[np.ix_(d_sel, g_sel)],
+                scores[order],
+                dt_avg[d_sel] if len(d_sel) else np.zeros(0),
+                gt_avg[g_sel] if len(g_sel) else np.zeros(0),
+                np.array([gts[j].iscrowd == 1 for j in g_idx], dtype=bool),
+            ))
+
+    precision, recall = _accumulate(evals, cat_ids)
+    all_a, last_m = 0, len(MAX_DETS) - 1
+    stats = {
+        "AP": _mean_defined(precision[:, :, :, all_a, last_m]),
+        "AP50": _mean_defined(precision[0, :, :, all_a, last_m]),
+        "AP75": _mean_defined(precision[5, :, :, all_a, last_m]),
+        "APs": _mean_defined(precision[:, :, :, 1, last_m]),
+        "APm": _mean_defined(precision[:, :, :, 2, last_m]),
+        "APl": _mean_defined(precision[:, :, :, 3, last_m]),
+        "AR1": _mean_defined(recall[:, :, all_a, 0]),
+        "AR10": _mean_defined(recall[:, :, all_a, 1]),
+    }
+    per_category = {
+        gt.categories[cid]: _percent(_mean_defined(precision[:, :, k, all_a, last_m]))
+        for k, cid in enumerate(cat_ids)
+    }
+    return EvalResult(
+        metrics={name: _percent(v) for name, v in stats.items()},
+        per_category=per_category,
+        precision=precision,
+        recall=recall,
+    )
+
+
+def format_metrics_table(result: EvalResult, *, title: str | None = None) -> str:
+    """The AP/AR row plus per-category AP, as plain text for a terminal or a log."""
+    def fmt(v: float | None) -> str:
+        return "   -  " if v is None else f"{v:6.2f}"
+
+    lines = [title] if title else []
+    lines.append("  ".join(f"{n:>6}" for n in METRIC_NAMES))
+    lines.append("  ".join(fmt(result.metrics[n]) for n in METRIC_NAMES))
+    if result.per_category:
+        lines.append("per-category AP: " + ", ".join(f"{k} {fmt(v).strip()}" for k, v in result.per_category.items()))
+    return "\n".join(lines)
+
+
+@dataclass
+class MaskQuality:
+    """Spatio-temporal IoU of each annotation against the same id in the reference set."""
+
+    per_annotation: dict[int, float | None]
+    mean: float | None
+
+    def share_above(self, threshold: float) -> float | None:
+        vals = [v for v in self.per_annotation.values() if v is not None]
+        return float(np.mean([v > threshold for v in vals])) if vals else None
+
+
+def mask_quality(predicted: Sequence[Annotation], reference: YTVISDataset) -> MaskQuality:
+    """Per-annotation spatio-temporal IoU of ``predicted`` masks against ``reference`` (same ids).
+
+    An annotation whose masks are empty on both sides in every frame has no IoU (None) and is
+    left out of the mean. Predicted ids missing from the reference are an error.
+    """
+    from pmvis.platform.errors import PmvisError
+
+    ref_by_id = {a.id: a for a in reference.annotations}
+    missing = [a.id for a in predicted if a.id not in ref_by_id]
+    if missing:
+        raise PmvisError(f"annotation ids {missing[:10]} are not in the reference {reference.path or ''}")
+    by_video: dict[int, list[Annotation]] = {}
+    for a in predicted:
+        by_video.setdefault(a.video_id, []).append(a)
+    per_annotation: dict[int, float | None] = {}
+    for anns in by_video.values():
+        refs = [ref_by_id[a.id] for a in anns]
+        for a, r in zip(anns, refs):
+            if len(a.segmentations) != len(r.segmentations):
+                raise PmvisError(f"annotation id={a.id}: {len(a.segmentations)} frames vs "
+                                 f"{len(r.segmentations)} in the reference")
+        inter, p_area, r_area = track_intersections([a.segmentations for a in anns],
+                                                    [r.segmentations for r in refs])
+        i = np.diag(inter)
+        union = p_area + r_area - i
+        for a, ii, uu in zip(anns, i, union):
+            per_annotation[a.id] = float(ii / uu) if uu > 0 else None
+    values = [v for v in per_annotation.values() if v is not None]
+    return MaskQuality(per_annotation=per_annotation, mean=float(np.mean(values)) if values else None)

@@ -1,0 +1,1 @@
+"""Ray Tune search spaces as YAML files (package data)."""

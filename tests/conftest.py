@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny YTVIS dicts built in code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+
+def rle(mask: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode("ascii")}
+
+
+def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+@pytest.fixture
+def tiny_ytvis() -> dict:
+    """One 2-frame 20x30 video, one category, one instance (a 4x5 rectangle, absent in frame 1)."""
+    m = rect(20, 30, 2, 6, 3, 8)
+    return {
+        "videos": [{"id": 1, "width": 30, "height": 20, "length": 2,
+                    "file_names": ["v1/00000.jpg", "v1/00001.jpg"]}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
+                         "segmentations": [rle(m), None], "bboxes": [[3.0, 2.0, 5.0, 4.0], None],
+                         "areas": [20, None]}],
+    }
