@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset, to_coco_rles
+from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset, rle_areas
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -43,6 +43,27 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 # ----------------------------------------------------------------------------- spatio-temporal IoU
 
 
+@dataclass
+class _Tracks:
+    """A video's tracks in pycocotools form with per-frame presence and areas (one area call)."""
+
+    rles: list[list[dict | None]]
+    present: np.ndarray  # (n, T) bool
+    areas: np.ndarray  # (n, T) float64, 0 where absent
+
+    @classmethod
+    def build(cls, tracks: Sequence[Sequence[Rle | None]], length: int) -> "_Tracks":
+        rles = [[None if s is None else {"size": s["size"], "counts": s["counts"].encode("ascii")
+                                         if isinstance(s["counts"], str) else s["counts"]} for s in tr]
+                for tr in tracks]
+        present = np.array([[r is not None for r in tr] for tr in rles], dtype=bool).reshape(len(rles), length)
+        areas = np.zeros(present.shape)
+        flat = [r for tr in rles for r in tr if r is not None]
+        if flat:
+            areas[present] = rle_areas(flat)  # row-major order == the order of ``flat``
+        return cls(rles, present, areas)
+
+
 def track_intersections(
     dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Sequence[Sequence[Rle | None]]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,30 +73,30 @@ def track_intersections(
     ``(inter (nd, ng), dt_area (nd,), gt_area (ng,))`` as float64 holding exact integers.
     """
     nd, ng = len(dt_tracks), len(gt_tracks)
-    inter = np.zeros((nd, ng))
-    dt_area = np.zeros(nd)
-    gt_area = np.zeros(ng)
-    if nd == 0 and ng == 0:
-        return inter, dt_area, gt_area
-    length = len(dt_tracks[0]) if nd else len(gt_tracks[0])
-    for t in range(length):
-        d_idx = [i for i in range(nd) if dt_tracks[i][t] is not None]
-        g_idx = [j for j in range(ng) if gt_tracks[j][t] is not None]
-        if d_idx:
-            d_rles = to_coco_rles([dt_tracks[i][t] for i in d_idx])
-            d_areas = mask_utils.area(d_rles).astype(np.float64)
-            dt_area[d_idx] += d_areas
-        if g_idx:
-            g_rles = to_coco_rles([gt_tracks[j][t] for j in g_idx])
-            g_areas = mask_utils.area(g_rles).astype(np.float64)
-            gt_area[g_idx] += g_areas
+    if nd == 0 or ng == 0:
+        length = len(dt_tracks[0]) if nd else (len(gt_tracks[0]) if ng else 0)
+        d = _Tracks.build(dt_tracks, length)
+        g = _Tracks.build(gt_tracks, length)
+        return np.zeros((nd, ng)), d.areas.sum(1), g.areas.sum(1)
+    length = len(dt_tracks[0])
+    d, g = _Tracks.build(dt_tracks, length), _Tracks.build(gt_tracks, length)
+    ious = np.zeros((length, nd, ng))
+    d_all, g_all = d.present.all(0), g.present.all(0)
+    no_crowd = [0] * ng
+    for t, (d_frame, g_frame) in enumerate(zip(zip(*d.rles), zip(*g.rles))):
+        if d_all[t] and g_all[t]:  # the common case: every track present, no index juggling
+            ious[t] = mask_utils.iou(list(d_frame), list(g_frame), no_crowd)
+            continue
+        d_idx = [i for i, r in enumerate(d_frame) if r is not None]
+        g_idx = [j for j, r in enumerate(g_frame) if r is not None]
         if d_idx and g_idx:
-            iou = np.asarray(mask_utils.iou(d_rles, g_rles, [0] * len(g_idx)), dtype=np.float64)
-            area_sum = d_areas[:, None] + g_areas[None, :]
-            # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
-            frame_inter = np.rint(np.nan_to_num(iou) * area_sum / (1.0 + np.nan_to_num(iou)))
-            inter[np.ix_(d_idx, g_idx)] += frame_inter
-    return inter, dt_area, gt_area
+            ious[t][np.ix_(d_idx, g_idx)] = mask_utils.iou(
+                [d_frame[i] for i in d_idx], [g_frame[j] for j in g_idx], no_crowd[: len(g_idx)]
+            )
+    # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
+    area_sum = d.areas.T[:, :, None] + g.areas.T[:, None, :]
+    inter = np.rint(ious * area_sum / (1.0 + ious)).sum(0)
+    return inter, d.areas.sum(1), g.areas.sum(1)
 
 
 def spatio_temporal_iou(inter: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray) -> np.ndarray:
@@ -88,11 +109,6 @@ def _average_area(areas: Sequence[float | None]) -> float:
     """ytvoseval's ``avg_area``: mean over frames with a truthy area (None and 0 are skipped)."""
     present = [a for a in areas if a]
     return float(np.mean(present)) if present else 0.0
-
-
-def _mask_areas(segmentations: Sequence[Rle | None]) -> list[float]:
-    present = [s for s in segmentations if s is not None]
-    return mask_utils.area(to_coco_rles(present)).tolist() if present else []
 
 
 # ----------------------------------------------------------------------------- matching
@@ -226,6 +242,11 @@ def _percent(value: float) -> float | None:
     return None if value == -1 else round(100.0 * value, 4)
 
 
+def video_track_ious(dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Sequence[Sequence[Rle | None]]) -> np.ndarray:
+    """Spatio-temporal IoU matrix (nd, ng) of one video's detections and ground truths."""
+    return spatio_temporal_iou(*track_intersections(dt_tracks, gt_tracks))
+
+
 def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result]) -> EvalResult:
     """AP/AR of ``results`` against ``gt`` with the official ytvoseval semantics (see module doc)."""
     cat_ids = sorted(gt.categories)
@@ -240,11 +261,16 @@ def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result]) -> EvalResult:
         dts = dt_by_video[vid]
         if not gts and not dts:
             continue
-        inter, dt_area, gt_area = track_intersections(
-            [d.segmentations for d in dts], [g.segmentations for g in gts]
-        )
-        ious_all = spatio_temporal_iou(inter, dt_area, gt_area)
-        dt_avg = np.array([_average_area(_mask_areas(d.segmentations)) for d in dts])
+        # Only same-category pairs are ever matched: skip tracks whose category the other side lacks.
+        shared = {d.category_id for d in dts} & {g.category_id for g in gts}
+        d_pair = [i for i, d in enumerate(dts) if d.category_id in shared]
+        g_pair = [j for j, g in enumerate(gts) if g.category_id in shared]
+        ious_all = np.zeros((len(dts), len(gts)))
+        if d_pair and g_pair:
+            ious_all[np.ix_(d_pair, g_pair)] = video_track_ious(
+                [dts[i].segmentations for i in d_pair], [gts[j].segmentations for j in g_pair])
+        dt_frame_areas = _Tracks.build([d.segmentations for d in dts], gt.videos[vid].length).areas
+        dt_avg = np.array([_average_area(row) for row in dt_frame_areas])
         gt_avg = np.array([_average_area(g.areas) for g in gts])
         for cid in cat_ids:
             d_idx = [i for i, d in enumerate(dts) if d.category_id == cid]

@@ -142,6 +142,20 @@ def to_coco_rles(rles: Sequence[Rle]) -> list[dict]:
     return [_to_coco(r) for r in rles]
 
 
+# pycocotools 2.0.11's ``area`` overflows on lists longer than 255 (a uint8 count): call in chunks.
+_AREA_CHUNK = 255
+
+
+def rle_areas(coco_rles: Sequence[dict]) -> np.ndarray:
+    """Areas of pycocotools-form RLEs (bytes counts) as int64, any number of them."""
+    if not coco_rles:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([
+        np.asarray(mask_utils.area(list(coco_rles[i:i + _AREA_CHUNK])), dtype=np.int64)
+        for i in range(0, len(coco_rles), _AREA_CHUNK)
+    ])
+
+
 def box_mask_rle(box: Sequence[float], height: int, width: int) -> Rle:
     """A filled ``[x, y, w, h]`` box as a mask (pixels whose centres lie inside the box)."""
     mask = np.zeros((height, width), dtype=np.uint8)
