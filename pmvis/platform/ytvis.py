@@ -581,3 +581,21 @@ def load_results(path: str | os.PathLike, gt: YTVISDataset) -> list[Result]:
 
 def save_results(results: Iterable[Result], path: str | os.PathLike) -> None:
     write_json_atomic(path, [r.to_json() for r in results])
+
+
+ANNOTATIONS_FILENAME = "annotations.json"
+
+
+def load_dataset_dir(
+    data_dir: str | os.PathLike, annotations: str | os.PathLike | None = None, *, check_frames: bool = False
+) -> YTVISDataset:
+    """A dataset directory as `pmvis synth` writes it (and YTVIS ships): annotations + JPEGImages/.
+
+    ``annotations`` overrides the file (absolute, or relative to ``data_dir``); frames are always
+    read from ``data_dir/JPEGImages``.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise PmvisError(f"{data_dir}: dataset directory not found")
+    path = data_dir / (annotations if annotations is not None else ANNOTATIONS_FILENAME)
+    return load_ytvis(path, frames_root=data_dir / FRAMES_DIRNAME, check_frames=check_frames)

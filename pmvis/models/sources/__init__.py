@@ -1,0 +1,1 @@
+"""Pseudo-mask sources: one interface (base.VideoInput -> per-annotation masks), one registry."""
