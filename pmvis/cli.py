@@ -16,8 +16,11 @@ from pmvis.platform.errors import PmvisError
 # command name -> module under pmvis.jobs (imported lazily: `pmvis --help` must not import Ray/torch)
 COMMANDS: dict[str, str] = {
     "synth": "synth",
+    "pseudo-masks": "pseudo_masks",
     "evaluate": "evaluate",
     "demo": "demo",
+    "fuse": "fuse",
+    "filter": "filter",
 }
 
 EXIT_BAD_INPUT = 2

@@ -30,3 +30,24 @@ def tiny_ytvis() -> dict:
                          "segmentations": [rle(m), None], "bboxes": [[3.0, 2.0, 5.0, 4.0], None],
                          "areas": [20, None]}],
     }
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one local Ray of the test session (2 CPUs, small object store, no dashboard).
+
+    Workers get tests/ on PYTHONPATH so test-only source plugins can be imported there.
+    """
+    import os
+    from pathlib import Path
+
+    import ray
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    pythonpath = os.pathsep.join([tests_dir, str(Path(tests_dir).parent), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = pythonpath  # also for this process's later subprocesses
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

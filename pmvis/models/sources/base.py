@@ -81,6 +81,8 @@ def _load_builtin_sources() -> None:
 
 
 def get_source_spec(name: str) -> SourceSpec:
+    if name in SOURCES:
+        return SOURCES[name]
     _load_builtin_sources()
     if name not in SOURCES:
         raise PmvisError(f"unknown pseudo-mask source {name!r}; known: {', '.join(sorted(SOURCES))}")

@@ -1,0 +1,40 @@
+"""Connecting to Ray: the same code runs on a laptop (a local Ray) and on a cluster."""
+
+from __future__ import annotations
+
+import os
+
+from pmvis.platform.errors import PmvisError
+
+# Keep a local Ray small on a laptop: object store sized for masks, not for the whole machine.
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
+    """``auto``: the cluster of RAY_ADDRESS or a running one, else start a local Ray;
+    ``local``: always a fresh local Ray; anything else: a Ray address (``ray://…`` or ``host:port``).
+
+    Idempotent: an already-initialised Ray in this process is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    try:
+        if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS") and not _running_cluster()):
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
+        elif address == "auto":
+            ray.init(address="auto" if not os.environ.get("RAY_ADDRESS") else None)
+        else:
+            ray.init(address=address)
+    except ConnectionError as e:
+        raise PmvisError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+def _running_cluster() -> bool:
+    """Is a Ray cluster started on this machine (`ray start --head`)?"""
+    import tempfile
+    from pathlib import Path
+
+    return (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").exists()

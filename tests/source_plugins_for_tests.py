@@ -1,0 +1,67 @@
+"""Test-only pseudo-mask sources, registered through the real plugin mechanism (--plugin).
+
+`fillbox` (CPU tasks): the filled GT box, confidence 1. `fillbox_actor`: the same in an actor
+pool, which kills its own actor (ray.kill) on its first call when its `kill_marker` option names a
+file that does not exist yet (so exactly one kill per test). `grown`: starts from `fillbox`
+masks and returns them unchanged, to check that init masks reach a dependent source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pmvis.models.sources.base import SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source
+
+
+def _filled(video: VideoInput) -> dict[int, SourceMasks]:
+    H, W = video.size
+    out = {}
+    for aid, boxes in video.boxes.items():
+        masks, confs = [], []
+        for box in boxes:
+            if box is None:
+                masks.append(None)
+                confs.append(None)
+                continue
+            m = np.zeros((H, W), bool)
+            x, y, w, h = (int(round(v)) for v in box)
+            m[y:y + h, x:x + w] = True
+            masks.append(m)
+            confs.append(1.0)
+        out[aid] = SourceMasks(masks, confs)
+    return out
+
+
+class KillConfig(SourceConfig):
+    kill_marker: str | None = None
+
+
+class _KillOnce:
+    name = "fillbox_actor"
+
+    def __init__(self, cfg: KillConfig):
+        self.marker = cfg.kill_marker
+
+    def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
+        marker = self.marker
+        if marker and not Path(marker).exists():
+            Path(marker).write_text(str(video.video_id))
+            import ray
+
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
+        return _filled(video)
+
+
+class _Grown:
+    name = "grown"
+
+    def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
+        assert video.init_masks, "init masks did not reach the source"
+        return dict(video.init_masks)
+
+
+register_source("fillbox", SourceSpec(SourceConfig, lambda cfg: _filled, uses_model=False))
+register_source("fillbox_actor", SourceSpec(KillConfig, _KillOnce, uses_model=True))
+register_source("grown", SourceSpec(SourceConfig, lambda cfg: _Grown(), uses_model=False, needs_init_from="fillbox"))
