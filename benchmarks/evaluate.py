@@ -194,7 +194,7 @@ def naive_evaluate(gt, results) -> dict[str, float | None]:
 
     def mean(x):
         x = x[x > -1]
-        return None if x.size == 0 else round(100 * float(x.mean()), 4)
+        return None if x.size == 0 else 100 * float(x.mean())
 
     return {"AP": mean(precision[:, :, :, 0, 2]), "AP50": mean(precision[0, :, :, 0, 2]),
             "AP75": mean(precision[5, :, :, 0, 2]), "APs": mean(precision[:, :, :, 1, 2]),

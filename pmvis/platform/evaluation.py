@@ -239,7 +239,7 @@ class EvalResult:
 
 
 def _percent(value: float) -> float | None:
-    return None if value == -1 else round(100.0 * value, 4)
+    return None if value == -1 else 100.0 * value
 
 
 def video_track_ious(dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Sequence[Sequence[Rle | None]]) -> np.ndarray:
