@@ -17,6 +17,7 @@ from pmvis.platform.errors import PmvisError
 COMMANDS: dict[str, str] = {
     "synth": "synth",
     "pseudo-masks": "pseudo_masks",
+    "report": "report",
     "evaluate": "evaluate",
     "demo": "demo",
     "fuse": "fuse",

@@ -1,0 +1,69 @@
+"""Fuse the raw pseudo masks into training masks (DOOB, SCM, then SHQM selection or a weighted vote).
+
+Reads the ground truth of dataset DIR (its boxes prompt the fusion) and the raw pseudo-mask store
+OUT/raw that `pmvis pseudo-masks` wrote; writes TRAIN.json: the same videos, annotation ids and
+boxes with the fused pseudo masks as segmentations and per-annotation "quality",
+"frame_quality" and "frame_source". Every knob is in FuseConfig (pmvis/models/fusion.py); set
+them in --config FUSE.yaml. The effective config is written beside the output as
+TRAIN.config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
+    parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
+    parser.add_argument("--out", required=True, type=Path, metavar="TRAIN.json", help="fused training annotations to write")
+    parser.add_argument("--config", type=Path, metavar="FUSE.yaml", help="YAML file of FuseConfig knobs")
+    parser.add_argument("--annotations", type=Path, metavar="FILE",
+                        help="annotation file to use instead of DIR/annotations.json (relative to DIR or absolute)")
+
+
+def config_path_for(out: Path) -> Path:
+    """Where a job records its effective config: OUT with the suffix .config.yaml."""
+    return out.with_suffix(".config.yaml")
+
+
+def check_output(out: Path, dataset_path: Path | None) -> None:
+    from pmvis.platform.errors import PmvisError
+
+    if out.is_dir():
+        raise PmvisError(f"{out}: is a directory; --out must be a file path")
+    if dataset_path is not None and out.resolve() == Path(dataset_path).resolve():
+        raise PmvisError(f"{out}: would overwrite the input annotation file; choose another --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pmvis.models.fusion import FuseConfig, fuse_with_stats, read_store, resolve_raw_dir
+    from pmvis.platform.config import dump_config, load_config
+    from pmvis.platform.io import write_text_atomic
+    from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
+
+    config = load_config(FuseConfig, args.config)
+    dataset = load_dataset_dir(args.data, args.annotations)
+    check_output(args.out, dataset.path)
+    raw_dir = resolve_raw_dir(args.raw)
+    tracks = read_store(raw_dir, config.sources)
+    fused, s = fuse_with_stats(dataset, tracks, config)
+    save_ytvis(fused, args.out)
+    config_file = config_path_for(args.out)
+    write_text_atomic(config_file, dump_config(config))
+
+    n = s["fused_masks"]
+    share = ", ".join(f"{src} {k} ({100 * k / n:.1f}%)" for src, k in s["chosen"].items()) if n else "none"
+    mq = "n/a" if s["mean_quality"] is None else f"{s['mean_quality']:.3f}"
+    print(
+        f"pmvis fuse ({s['mode']}, sources {', '.join(s['sources'])}): {s['annotations']} annotations, "
+        f"{s['frames_with_box']} frames with a box\n"
+        f"  fused masks: {n} ({s['frames_without_fused_mask']} box frames without one: "
+        f"{s['frames_no_source_mask']} no source mask, {s['frames_rejected']} none survived)\n"
+        f"  per source: {share}\n"
+        f"  SCM dropped: {s['scm_dropped']}; empty after DOOB: {s['empty']}\n"
+        f"  mean quality: {mq}\n"
+        f"  written to {args.out} (config: {config_file})"
+    )
+    return 0
