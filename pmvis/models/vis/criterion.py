@@ -1,0 +1,253 @@
+"""The training losses of IDOL / IDOL-BoxInst / PM-VIS (+ TK-Loss) for a batch of clips.
+
+``VISCriterion(cfg)(output, targets, mask_logits_fn, iteration=i)`` with ``targets[b][t]`` the
+:class:`FrameTargets` of frame t of clip b (the model's batch is the B·T images clip-major) and
+``mask_logits_fn`` the model's :meth:`IDOL.mask_logits`. It returns unweighted terms — the last
+decoder layer's as ``class``, ``l1``, ``giou``, mask terms, ``tk``; layer l < L−1's with a ``_l``
+suffix; ``track`` / ``track_aux`` once — and their weighted sum (warm-ups applied) as ``loss``.
+
+Per decoder layer, each supervised image is matched on its own (dynamic-k, :mod:`.matcher`):
+* ``class``: sigmoid focal over all queries × classes, summed and divided by the number of
+  matched pairs M of the supervised images (≥ 1); ``l1``, ``giou``: Σ over pairs / M.
+* Mask terms on the matched pairs' mask logits (N, H/4, W/4), by ``mode``: ``boxinst``:
+  ``proj`` (mean over pairs) + ``pairwise`` (warmed up); ``pmvis``: boxinst + ``pseudo_focal`` /
+  ``pseudo_dice`` over the pairs whose GT has a pseudo mask (weight > 0), optionally weighted by
+  the quality; ``full``: ``mask_focal`` / ``mask_dice`` against the GT masks. Focal/dice
+  normalisation is :func:`pmvis.kernels.pseudo_mask_loss`'s.
+* ``tk`` (when enabled): per clip the matches are found once (:func:`tk_affinity`, no grad), and
+  each layer's loss is :func:`tk_loss` of the clip's instances' (N, T) mask logits, averaged over
+  clips. An instance's logits in frame t come from its primary (cheapest matched) query in t; in a
+  frame where it is absent (or unmatched) from its primary query in the first frame where it is
+  matched — with a zero box mask there when absent.
+* ``track`` / ``track_aux``: last layer only, key frame t=0 vs reference frame t=1
+  (:mod:`.tracking_loss`); needs T ≥ 2, else not computed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pmvis.kernels import pairwise_loss, projection_loss, pseudo_mask_loss, tk_affinity, tk_loss, warmup_factor
+
+from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou
+from .config import LossConfig
+from .idol import MaskLogitsFn, VISOutput
+from .matcher import DynamicKMatcher, Match
+from .targets import FrameTargets
+from .tracking_loss import contrastive_pairs, negative_boundary, tracking_losses
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Element-wise sigmoid focal loss (RetinaNet)."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+class VISCriterion(nn.Module):
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.matcher = DynamicKMatcher.from_config(cfg)
+
+    def weight(self, term: str, iteration: int) -> float:
+        """The weight of a term (layer suffix removed), warm-up factors included."""
+        c = self.cfg
+        weights = {
+            "class": c.class_weight, "l1": c.l1_weight, "giou": c.giou_weight, "proj": c.projection_weight,
+            "pairwise": c.pairwise_weight * warmup_factor(iteration, c.pairwise_warmup_iters),
+            "pseudo_focal": c.pseudo_focal_weight, "pseudo_dice": c.pseudo_dice_weight,
+            "mask_focal": c.mask_focal_weight, "mask_dice": c.mask_dice_weight,
+            "tk": c.tk_weight * warmup_factor(iteration, c.tk_warmup_iters),
+            "track": c.track_weight, "track_aux": c.track_aux_weight,
+        }
+        return weights[term]
+
+    def forward(self, output: VISOutput, targets: Sequence[Sequence[FrameTargets]], mask_logits_fn: MaskLogitsFn,
+                *, iteration: int = 0) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        clips = [list(c) for c in targets]
+        if not clips or any(len(c) != len(clips[0]) for c in clips) or not clips[0]:
+            raise ValueError("targets must be B ≥ 1 clips of the same number T ≥ 1 of frames")
+        b_clips, frames = len(clips), len(clips[0])
+        flat = [f for c in clips for f in c]
+        if output.logits.shape[1] != len(flat):
+            raise ValueError(f"the model saw {output.logits.shape[1]} images, targets describe "
+                             f"{b_clips} clips × {frames} frames")
+        for i, f in enumerate(flat):
+            if f.mask_size != output.mask_size:
+                raise ValueError(f"targets of image {i} are at {f.mask_size}, the masks at {output.mask_size}")
+        if cfg.tk and frames < 2:
+            raise ValueError("TK-Loss needs clips of at least 2 frames")
+        num_classes = output.logits.shape[-1]
+        for i, f in enumerate(flat):
+            if f.num_instances and not 0 <= int(f.labels.min()) <= int(f.labels.max()) < num_classes:
+                raise ValueError(f"labels of image {i} must be in 0..{num_classes - 1}, got {f.labels.tolist()}")
+        sup_frames = [0] if cfg.loss_frames == "key" else list(range(frames))
+        track = frames >= 2 and (cfg.track_weight != 0 or cfg.track_aux_weight != 0)
+        # per layer: matched images of the supervised frames (+ every frame for TK, + the key and
+        # reference frames at the last layer for tracking), each matched once
+        per_layer = set(sup_frames) | (set(range(frames)) if cfg.tk else set())
+        layers = output.num_layers
+        matches: list[dict[int, Match]] = []
+        for lid in range(layers):
+            wanted = per_layer | ({0, 1} if track and lid == layers - 1 else set())
+            matches.append({b * frames + t: self.matcher(output.logits[lid, b * frames + t].detach(),
+                                                         output.boxes[lid, b * frames + t].detach(),
+                                                         flat[b * frames + t].labels, flat[b * frames + t].boxes)
+                            for b in range(b_clips) for t in sorted(wanted)})
+        supervised = [b * frames + t for b in range(b_clips) for t in sup_frames]
+        affinities = None
+        if cfg.tk:
+            affinities = [tk_affinity(torch.stack([f.images_lab for f in clip]), cyclic=cfg.tk_cyclic,
+                                      patch_size=cfg.tk_patch_size, window=cfg.tk_window, dilation=cfg.tk_dilation,
+                                      k=cfg.tk_k, threshold=cfg.tk_threshold) for clip in clips]
+        terms: dict[str, torch.Tensor] = {}
+        total = output.logits.sum() * 0.0
+        for lid in range(layers):
+            suffix = "" if lid == layers - 1 else f"_{lid}"
+            layer_terms = self._frame_losses(output, lid, supervised, flat, matches[lid], mask_logits_fn)
+            if affinities is not None:
+                layer_terms["tk"] = self._tk(output, lid, clips, matches[lid], affinities, mask_logits_fn)
+            for name, value in layer_terms.items():
+                terms[name + suffix] = value
+                total = total + self.weight(name, iteration) * value
+        if track:
+            terms["track"], terms["track_aux"] = self._track(output, clips, matches[-1])
+            total = total + self.weight("track", iteration) * terms["track"] \
+                + self.weight("track_aux", iteration) * terms["track_aux"]
+        terms["loss"] = total
+        return terms
+
+    def _frame_losses(self, output: VISOutput, lid: int, images: list[int], flat: list[FrameTargets],
+                      matches: dict[int, Match], mask_logits_fn: MaskLogitsFn) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        logits = output.logits[lid]
+        zero = logits.sum() * 0.0
+        num_pos = sum(matches[i].query_idx.numel() for i in images)
+        denom = max(num_pos, 1)
+        cls = zero
+        for i in images:
+            m, f = matches[i], flat[i]
+            onehot = torch.zeros_like(logits[i])
+            onehot[m.query_idx, f.labels[m.gt_idx]] = 1.0
+            cls = cls + sigmoid_focal_loss(logits[i], onehot, cfg.focal_alpha, cfg.focal_gamma).sum()
+        out = {"class": cls / denom}
+        mode_terms = {"boxinst": ("proj", "pairwise"), "pmvis": ("proj", "pairwise", "pseudo_focal", "pseudo_dice"),
+                      "full": ("mask_focal", "mask_dice")}[cfg.mode]
+        if num_pos == 0:
+            out.update({name: zero for name in ("l1", "giou") + mode_terms})
+            return out
+        batch_idx = torch.cat([torch.full_like(matches[i].query_idx, i) for i in images])
+        query_idx = torch.cat([matches[i].query_idx for i in images])
+
+        def gather(field: str) -> torch.Tensor:
+            return torch.cat([getattr(flat[i], field)[matches[i].gt_idx] for i in images])
+
+        pred = output.boxes[lid, batch_idx, query_idx]
+        gt = gather("boxes").to(pred.dtype)
+        out["l1"] = (pred - gt).abs().sum() / denom
+        out["giou"] = (1 - paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt))).sum() / denom
+        masks = mask_logits_fn(output, lid, batch_idx, query_idx)
+        if cfg.mode in ("boxinst", "pmvis"):
+            box_masks = gather("box_masks")
+            per_pair = torch.cat([torch.full_like(matches[i].query_idx, k) for k, i in enumerate(images)])
+            lab = torch.stack([flat[i].images_lab for i in images])[per_pair]
+            valid = torch.stack([flat[i].valid for i in images])[per_pair]
+            out["proj"] = projection_loss(masks, box_masks)
+            out["pairwise"] = pairwise_loss(masks, lab, box_masks, kernel=cfg.pairwise_size,
+                                            dilation=cfg.pairwise_dilation, threshold=cfg.pairwise_threshold,
+                                            valid=valid)
+        if cfg.mode == "pmvis":
+            out["pseudo_focal"], out["pseudo_dice"] = self._pseudo(masks, images, flat, matches, zero)
+        if cfg.mode == "full":
+            if any(flat[i].gt_masks is None for i in images):
+                raise ValueError("mode 'full' needs gt_masks in the FrameTargets of every supervised frame")
+            terms = pseudo_mask_loss(masks, gather("gt_masks"), focal_alpha=cfg.focal_alpha,
+                                     focal_gamma=cfg.focal_gamma, focal_weight=1.0, dice_weight=1.0, return_terms=True)
+            out["mask_focal"], out["mask_dice"] = terms["focal"], terms["dice"]
+        return out
+
+    def _pseudo(self, masks, images, flat, matches, zero):
+        """Pseudo-mask focal / dice over the matched pairs whose GT has a pseudo mask."""
+        cfg = self.cfg
+        rows, targets, weights = [], [], []
+        start = 0
+        for i in images:
+            m, f = matches[i], flat[i]
+            count = m.query_idx.numel()
+            if f.pseudo_masks is not None and count:
+                w = (f.pseudo_weights if f.pseudo_weights is not None
+                     else torch.ones(f.num_instances, device=masks.device))[m.gt_idx].to(masks.dtype)
+                keep = (w > 0).nonzero().squeeze(1)
+                rows.append(keep + start)
+                targets.append(f.pseudo_masks[m.gt_idx[keep]])
+                weights.append(w[keep])
+            start += count
+        if not rows or sum(r.numel() for r in rows) == 0:
+            return zero, zero
+        weights_t = torch.cat(weights)
+        terms = pseudo_mask_loss(masks[torch.cat(rows)], torch.cat(targets),
+                                 weights=weights_t if cfg.pseudo_quality_weighting else None,
+                                 focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+                                 focal_weight=1.0, dice_weight=1.0, return_terms=True)
+        return terms["focal"], terms["dice"]
+
+    def _tk(self, output, lid, clips, matches, affinities, mask_logits_fn) -> torch.Tensor:
+        frames = len(clips[0])
+        losses = []
+        for b, clip in enumerate(clips):
+            index = [{int(u): g for g, u in enumerate(f.instance_ids.tolist())} for f in clip]
+            uids = sorted(set().union(*index))
+            batch_idx, query_idx, boxes = [], [], []
+            for u in uids:
+                per_frame = []
+                for t, f in enumerate(clip):
+                    g = index[t].get(u)
+                    q = int(matches[b * frames + t].primary[g]) if g is not None else -1
+                    per_frame.append((g, q))
+                fallback = next((q for _, q in per_frame if q >= 0), -1)
+                if fallback < 0:
+                    continue
+                for t, (g, q) in enumerate(per_frame):
+                    batch_idx.append(b * frames + t)
+                    query_idx.append(q if q >= 0 else fallback)
+                    boxes.append(clip[t].box_masks[g] if g is not None
+                                 else output.mask_features.new_zeros(output.mask_size))
+            if not query_idx:
+                continue
+            dev = output.mask_features.device
+            logits = mask_logits_fn(output, lid, torch.tensor(batch_idx, device=dev),
+                                    torch.tensor(query_idx, device=dev))
+            n = len(query_idx) // frames
+            logits = logits.view(n, frames, *output.mask_size)
+            box_masks = torch.stack(boxes).view(n, frames, *output.mask_size).to(logits.dtype)
+            losses.append(tk_loss(logits, box_masks, affinities[b]))
+        if not losses:
+            return output.mask_params[lid].sum() * 0.0
+        return torch.stack(losses).mean()
+
+    def _track(self, output, clips, matches) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = len(clips[0])
+        emb = output.embeddings
+        boundary = negative_boundary(output.num_queries, self.cfg.track_neg_topk)
+        anchors, positives, negatives = [], [], []
+        for b, clip in enumerate(clips):
+            key, ref = b * frames, b * frames + 1
+            for qk, pos, neg in contrastive_pairs(matches[key], matches[ref], clip[0].instance_ids,
+                                                  clip[1].instance_ids, boundary):
+                anchors.append(emb[key, qk])
+                positives.append(emb[ref, pos])
+                negatives.append(emb[ref, neg])
+        if not anchors:
+            zero = emb.sum() * 0.0
+            return zero, zero
+        return tracking_losses(torch.stack(anchors), positives, negatives)

@@ -1,0 +1,115 @@
+"""CondInst dynamic mask head (as in IDOL): a shared mask branch + per-query dynamic 1×1 convs.
+
+* Mask branch (stride 4): the encoder memory of the backbone levels (strides 8, 16, 32, …) is
+  fused top-down FPN-style into the finest of them, upsampled (bilinear) to stride 4 and added to a
+  1×1 lateral of the backbone's stride-4 feature; 3×3 conv + GN + ReLU tower; 1×1 conv to
+  ``mask_channels`` (no activation).
+* Controller: an MLP on a query's decoder output → the weights and biases of the dynamic convs.
+* Dynamic convs: per selected query, [mask features ‖ relative coordinates] → 1×1 convs with ReLU
+  between them → 1 logit per pixel at stride 4. Only the selected queries are evaluated (training:
+  the matched ones; inference: the kept ones), so memory is O(N·H/4·W/4), not O(Q·H/4·W/4).
+* Relative coordinates: (query box centre − pixel centre), both normalised by the padded input
+  size (W, H) — IDOL's choice; CondInst divides pixel offsets by a per-level size of interest
+  instead. The box centre is the one the same decoder layer predicts, detached. Pixel (i, j) of the
+  stride-s map has its centre at ((j·s + s//2)/W, (i·s + s//2)/H) (CondInst's locations).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MLP
+
+
+def _conv_gn_relu(cin: int, cout: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU())
+
+
+class MaskBranch(nn.Module):
+    """Encoder memory maps (fine → coarse) + stride-4 backbone feature → ``(B, Cm, H/4, W/4)``."""
+
+    def __init__(self, *, memory_dim: int, levels: int, stride4_channels: int, channels: int, convs: int,
+                 out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.reduce = nn.ModuleList(nn.Conv2d(memory_dim, channels, 1) for _ in range(levels))
+        self.smooth = nn.ModuleList(_conv_gn_relu(channels, channels, groups) for _ in range(levels - 1))
+        self.lateral = nn.Conv2d(stride4_channels, channels, 1)
+        self.tower = nn.Sequential(*(_conv_gn_relu(channels, channels, groups) for _ in range(convs)))
+        self.out = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, memory_maps: list[torch.Tensor], stride4: torch.Tensor) -> torch.Tensor:
+        x = self.reduce[-1](memory_maps[-1])
+        for lvl in range(len(memory_maps) - 2, -1, -1):
+            fine = self.reduce[lvl](memory_maps[lvl])
+            x = self.smooth[lvl](fine + F.interpolate(x, size=fine.shape[-2:], mode="bilinear", align_corners=False))
+        x = self.lateral(stride4) + F.interpolate(x, size=stride4.shape[-2:], mode="bilinear", align_corners=False)
+        return self.out(self.tower(x))
+
+
+def pixel_locations(height: int, width: int, stride: int, image_size: tuple[int, int], *,
+                    device, dtype) -> torch.Tensor:
+    """``(2, h, w)``: normalised (x, y) centres of the stride-``stride`` pixels of an image of
+    ``image_size`` (H, W)."""
+    img_h, img_w = image_size
+    xs = (torch.arange(width, device=device, dtype=dtype) * stride + stride // 2) / img_w
+    ys = (torch.arange(height, device=device, dtype=dtype) * stride + stride // 2) / img_h
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((xx, yy))
+
+
+def split_params(params: torch.Tensor, dims: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(N, P)`` → per layer (weights ``(N, out, in)``, biases ``(N, out)``); weights first, then
+    biases (CondInst's layout)."""
+    n = params.shape[0]
+    w_sizes = [i * o for i, o in zip(dims[:-1], dims[1:])]
+    b_sizes = list(dims[1:])
+    chunks = params.split(w_sizes + b_sizes, dim=1)
+    layers = len(w_sizes)
+    return [(chunks[k].view(n, dims[k + 1], dims[k]), chunks[layers + k]) for k in range(layers)]
+
+
+def dynamic_mask_logits(
+    mask_features: torch.Tensor,
+    params: torch.Tensor,
+    centres: torch.Tensor | None,
+    batch_idx: torch.Tensor,
+    *,
+    dims: list[int],
+    stride: int,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """Evaluate the dynamic convs of N selected queries → ``(N, h, w)`` mask logits.
+
+    ``mask_features`` ``(B, Cm, h, w)``; ``params`` ``(N, P)``; ``centres`` ``(N, 2)`` normalised
+    (cx, cy) or None without relative coordinates; ``batch_idx`` ``(N,)`` the image of each query.
+    """
+    n = params.shape[0]
+    _, _, h, w = mask_features.shape
+    x = mask_features[batch_idx].flatten(2)  # (N, Cm, h·w)
+    if centres is not None:
+        loc = pixel_locations(h, w, stride, image_size, device=x.device, dtype=x.dtype).flatten(1)
+        rel = centres.to(x.dtype)[:, :, None] - loc[None]
+        x = torch.cat((x, rel), 1)
+    layers = split_params(params, dims)
+    for k, (weight, bias) in enumerate(layers):
+        x = torch.baddbmm(bias[:, :, None], weight, x)
+        if k < len(layers) - 1:
+            x = F.relu(x)
+    return x.view(n, h, w)
+
+
+class Controller(nn.Module):
+    """3-layer MLP: decoder output ``(…, C)`` → dynamic-conv parameters ``(…, P)`` (Xavier, zero
+    biases, as IDOL)."""
+
+    def __init__(self, dim: int, num_params: int) -> None:
+        super().__init__()
+        self.mlp = MLP(dim, dim, num_params, 3)
+        for layer in self.mlp.layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden)
