@@ -1,0 +1,98 @@
+"""Model checkpoints: one file format shared by training, resume, inference and the boxinst source.
+
+A checkpoint is a plain dict of tensors and primitives saved with ``torch.save`` and always loaded
+with ``torch.load(weights_only=True)``: no pickled code ever runs. It records the model config so a
+checkpoint is only ever loaded into the architecture it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmvis.models.vis.config import ModelConfig
+from pmvis.platform.errors import PmvisError
+from pmvis.platform.io import atomic_path
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def config_fingerprint(cfg: ModelConfig) -> str:
+    """A short hash of every architecture knob; two configs with the same hash share weights."""
+    text = json.dumps(cfg.model_dump(mode="json", exclude={"backbone_weights"}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    *,
+    iteration: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": model_cfg.model_dump(mode="json"),
+        "fingerprint": config_fingerprint(model_cfg),
+        "iteration": int(iteration),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": extra or {},
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint dict safely; a missing, corrupt or foreign file is a PmvisError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILENAME
+    if not path.is_file():
+        raise PmvisError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / non-torch files
+        raise PmvisError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
+        raise PmvisError(f"{path}: not a pmvis checkpoint (format_version {FORMAT_VERSION} expected)")
+    state["path"] = str(path)
+    return state
+
+
+def check_compatible(state: dict[str, Any], model_cfg: ModelConfig) -> None:
+    """Refuse a checkpoint trained with another architecture, saying which knobs differ."""
+    if state["fingerprint"] == config_fingerprint(model_cfg):
+        return
+    theirs = state["model_config"]
+    ours = model_cfg.model_dump(mode="json")
+    diff = sorted(k for k in set(theirs) | set(ours) if k != "backbone_weights" and theirs.get(k) != ours.get(k))
+    details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:8])
+    raise PmvisError(f"{state['path']}: checkpoint was trained with a different model config ({details})")
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, dict]:
+    """Build the checkpoint's architecture and load its weights; returns (model in eval mode, cfg, state)."""
+    from pmvis.models.vis import build_model
+
+    state = read_checkpoint(path)
+    cfg = ModelConfig.model_validate({**state["model_config"], "backbone_weights": None})
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise PmvisError(f"{state['path']}: weights do not fit the recorded config: {e}") from None
+    return model.to(device).eval(), cfg, state
