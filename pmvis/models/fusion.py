@@ -72,7 +72,7 @@ class FuseConfig(StrictConfig):
         description="per-source weight (>= 0; 0 switches a source off; unlisted sources: 1.0)",
     )
     scm_thresholds: dict[str, Unit] = Field(
-        default_factory=lambda: {"hqsam": 0.5, "track": 0.5, "boxinst": 0.3, "grabcut": 0.0},
+        default_factory=lambda: {"hqsam": 0.5, "track": 0.9, "boxinst": 0.3, "grabcut": 0.0},
         description="SCM: per-source minimum confidence in [0, 1] (unlisted sources: 0)",
     )
     doob: bool = True

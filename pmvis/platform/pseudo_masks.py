@@ -185,23 +185,30 @@ def _encode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
 # ----------------------------------------------------------------------------- driver side
 
 
-def _source_order(sources: list[str], available_init: set[str]) -> list[str]:
-    """Dependency order: a source that starts from another's masks runs after it."""
+def _init_source(name: str, options: dict[str, Any]) -> str | None:
+    """The source whose masks seed ``name``: its config's ``init_from`` knob, else the spec's default."""
     from pmvis.models.sources.base import get_source_spec
 
+    spec = get_source_spec(name)
+    cfg = spec.config_cls.model_validate(options.get(name, {}))
+    return getattr(cfg, "init_from", None) or spec.needs_init_from
+
+
+def _source_order(sources: list[str], available_init: set[str], options: dict[str, Any]) -> list[str]:
+    """Dependency order: a source that starts from another's masks runs after it."""
     ordered: list[str] = []
     pending = list(dict.fromkeys(sources))
     while pending:
         progressed = False
         for name in list(pending):
-            dep = get_source_spec(name).needs_init_from
+            dep = _init_source(name, options)
             if dep is None or dep in ordered or (dep not in pending and dep in available_init):
                 ordered.append(name)
                 pending.remove(name)
                 progressed = True
         if not progressed:
             name = pending[0]
-            dep = get_source_spec(name).needs_init_from
+            dep = _init_source(name, options)
             raise PmvisError(f"source {name!r} starts from {dep!r} masks: add {dep!r} to --sources "
                              f"(or run it first into the same --out)")
     return ordered
@@ -273,7 +280,7 @@ def generate_pseudo_masks(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
 
-    for name in _source_order(config.sources, available):
+    for name in _source_order(config.sources, available, config.source_options):
         spec = get_source_spec(name)
         options = config.source_options.get(name, {})
         src_cfg = spec.config_cls.model_validate(options)  # validate on the driver: fail fast
@@ -283,7 +290,8 @@ def generate_pseudo_masks(
         summary.written[name] = 0
         if not todo:
             continue
-        blobs = _init_blobs(raw_dir, spec.needs_init_from, todo) if spec.needs_init_from else {}
+        dep = _init_source(name, config.source_options)
+        blobs = _init_blobs(raw_dir, dep, todo) if dep else {}
         items = [{"video_id": v, "init": blobs.get(v, b"")} for v in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         runner_kwargs = dict(name=name, options=options, plugins=config.plugins, data_dir=str(data_dir),

@@ -1,0 +1,327 @@
+"""Track pseudo masks (PM-VIS, DESIGN.md §4.4): propagate each instance's best mask through its video.
+
+For every annotation:
+
+1. **Key frame.** Its best init mask — the highest-confidence non-empty mask in
+   ``video.init_masks[ann_id]`` (the masks of the ``init_from`` source, HQ-SAM by default; ties go
+   to the earliest frame) — and that mask's frame (``select_key_frame``).
+   **Fallback (ours):** an annotation without a usable init mask starts from its filled
+   ground-truth box on the frame where its box is largest (earliest on ties); one without any box
+   is not tracked (all ``None``).
+2. **Tracking.** Instances are grouped by key frame; each group is one tracker session initialised
+   with every member's key-frame mask, propagated FORWARD from the key frame to the last frame and
+   BACKWARD to the first. Grouping gives every instance exactly "its key frame, then forward and
+   backward", which one session cannot do when key frames differ (a single forward pass from the
+   earliest key frame would run later-keyed objects before their own key frame).
+3. **Output.** A mask on EVERY frame where the tracker says the object is present — also where
+   the ground-truth box is null (the Missing-Data filter relies on it) — and ``None`` elsewhere.
+
+Engines:
+
+- ``sam2`` (default): ``sam2.build_sam.build_sam2_video_predictor(sam2_config, ckpt_path=None)``,
+  then the ``checkpoint`` (state dict under ``"model"``) loaded here with
+  ``torch.load(weights_only=True)`` and strict key/shape checks; without one, random weights and a
+  loud warning. Confidence = sigmoid of SAM 2's object-score logit for that object and frame;
+  present = that logit > 0 (SAM 2's own rule) and a non-empty mask (logits > 0). On the key frame
+  the output is the seed mask itself (SAM 2 only copies it onto its coarser grid there), with
+  SAM 2's confidence for it (sigmoid(+10) for a non-empty mask input). It runs on CPU
+  (no autocast is used on this path). SAM 2's small-hole filling needs its CUDA extension, which
+  this project builds without (pyproject), so it is switched off (``fill_hole_area = 0``) instead
+  of warning and skipping.
+- ``deaot``: ``pmvis.models.sources.deaot.DeAOTTracker`` over a user's aot-benchmark checkout.
+
+Feeding in-memory frames to SAM 2 (``frame_feed``): ``init_state`` only accepts a path (a JPEG
+folder or an MP4). ``"memory"`` (default) hands it our frames instead: during the ``init_state``
+call the loader it resolves (``sam2.sam2_video_predictor.load_video_frames``) is replaced, under a
+lock, by one that returns a lazy frame sequence preprocessed exactly as SAM 2's JPEG loader does
+(PIL resize to the model's square input, /255, ImageNet mean/std). No disk I/O, no JPEG
+re-compression, and only the uint8 frames stay in memory (SAM 2's loader keeps every frame as a
+1024² float tensor: ~12 MB a frame). ``"jpeg"`` is the documented path for comparison: frames
+written as quality-100 JPEGs to a temporary folder, loaded by ``init_state`` and deleted right
+after it returns.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+from unittest import mock
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from pmvis.models.sources._common import (
+    empty_tracks, filled_box_mask, load_checkpoint_file, load_state_dict_strict, log, resolve_device,
+    state_dict_from, warn_random_weights,
+)
+from pmvis.models.sources.base import (
+    Box, SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source,
+)
+from pmvis.platform.errors import PmvisError
+
+NAME = "track"
+DEFAULT_INIT_FROM = "hqsam"
+_SAM2_FEED_LOCK = threading.Lock()
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TrackConfig(SourceConfig):
+    engine: Literal["sam2", "deaot"] = "sam2"
+    init_from: str = Field(DEFAULT_INIT_FROM, description="the source whose masks seed the tracker")
+    sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 package config name")
+    checkpoint: str | None = Field(None, description="SAM 2 checkpoint (.pt, state dict under 'model'); "
+                                                     "null: random weights (tests/demos)")
+    sam2_overrides: list[str] = Field(default_factory=list, description="extra hydra overrides of the sam2 "
+                                      "model config, e.g. ['++model.image_size=512'] (SAM 2 is trained at 1024)")
+    frame_feed: Literal["memory", "jpeg"] = Field("memory", description="how frames reach SAM 2's init_state")
+    deaot_root: str | None = Field(None, description="aot-benchmark checkout; null: $PMVIS_DEAOT_ROOT")
+    deaot_config: str = Field("r50_deaotl", description="model config under the checkout's configs/models")
+    deaot_checkpoint: str | None = Field(None, description="DeAOT weights; null: random weights (tests)")
+    deaot_max_long_edge: int = Field(1040, ge=32, description="DeAOT input long edge limit (800 × 1.3)")
+    device: str | None = Field(None, description='null: "cuda" if num_gpus > 0 and CUDA is available, else "cpu"')
+    random_init_seed: int = Field(0, ge=0, description="torch seed for the random weights when no checkpoint")
+
+
+# ----------------------------------------------------------------------------- key frames
+
+
+@dataclass
+class KeyFrame:
+    frame: int
+    mask: np.ndarray  # bool (H, W), non-empty
+    confidence: float | None  # the init mask's confidence; None for the box fallback
+    from_init: bool
+
+
+def select_key_frame(init: SourceMasks | None, boxes: list[Box | None], height: int, width: int
+                     ) -> KeyFrame | None:
+    """The instance's best init mask and its frame, else its largest filled box; None if neither."""
+    best: tuple[float, int] | None = None
+    if init is not None and not (len(init.masks) == len(init.confidences) == len(boxes)):
+        raise PmvisError(f"init masks cover {len(init.masks)} frames ({len(init.confidences)} confidences), "
+                         f"the video has {len(boxes)}")
+    if init is not None:
+        for t, (m, c) in enumerate(zip(init.masks, init.confidences)):
+            if m is None or not np.any(m):
+                continue
+            if m.shape != (height, width):
+                raise PmvisError(f"frame {t}: init mask shape {m.shape} != frame size {(height, width)}")
+            score = -math.inf if c is None or not math.isfinite(c) else float(c)
+            if best is None or score > best[0]:
+                best = (score, t)
+    if best is not None:
+        t = best[1]
+        c = init.confidences[t]
+        return KeyFrame(frame=t, mask=np.asarray(init.masks[t], dtype=bool), from_init=True,
+                        confidence=None if c is None else float(c))
+    candidates = [(-(b[2] * b[3]), t) for t, b in enumerate(boxes) if b is not None]
+    for _, t in sorted(candidates):
+        mask = filled_box_mask(boxes[t], height, width)
+        if mask.any():
+            return KeyFrame(frame=t, mask=mask, confidence=None, from_init=False)
+    return None
+
+
+def group_by_key_frame(keys: dict[int, KeyFrame]) -> list[tuple[int, dict[int, np.ndarray]]]:
+    """``[(key_frame, {ann_id: mask})]``, frames ascending; within a group, ascending init confidence
+    (an engine that paints one label map, DeAOT, then lets the most confident mask win overlaps)."""
+    groups: dict[int, list[tuple[float, int]]] = {}
+    for aid, k in keys.items():
+        conf = -math.inf if k.confidence is None else k.confidence
+        groups.setdefault(k.frame, []).append((conf, aid))
+    return [(frame, {aid: keys[aid].mask for _, aid in sorted(members)})
+            for frame, members in sorted(groups.items())]
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class Tracker(Protocol):
+    def track(self, frames: np.ndarray, groups: list[tuple[int, dict[int, np.ndarray]]]
+              ) -> dict[int, tuple[list[np.ndarray | None], list[float | None]]]: ...
+
+
+class Sam2LazyFrames:
+    """Frames preprocessed on access exactly as SAM 2's JPEG loader does (``_load_img_as_tensor``)."""
+
+    def __init__(self, frames: np.ndarray, image_size: int):
+        self.frames = frames
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int):
+        import torch
+        from PIL import Image
+
+        img = np.array(Image.fromarray(self.frames[index]).resize((self.image_size, self.image_size))) / 255.0
+        img = torch.from_numpy(img).permute(2, 0, 1).float()
+        mean = torch.tensor(_IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(_IMAGENET_STD, dtype=torch.float32)[:, None, None]
+        return (img - mean) / std
+
+
+def sam2_init_state(predictor, frames: np.ndarray, feed: str = "memory") -> dict:
+    """SAM 2's ``init_state`` for in-memory RGB frames (see the module docstring for the two feeds)."""
+    import sam2.sam2_video_predictor as svp
+
+    T, H, W = frames.shape[:3]
+    if feed == "jpeg":
+        with tempfile.TemporaryDirectory(prefix="pmvis-sam2-") as tmp:
+            for t in range(T):
+                path = str(Path(tmp) / f"{t:05d}.jpg")
+                if not cv2.imwrite(path, np.ascontiguousarray(frames[t][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 100]):
+                    raise OSError(f"cv2 could not write {path}")
+            return predictor.init_state(video_path=tmp, offload_video_to_cpu=True)
+    if not hasattr(svp, "load_video_frames"):
+        raise PmvisError("this sam2 version has no sam2_video_predictor.load_video_frames hook: "
+                         "use frame_feed: jpeg")
+    lazy = Sam2LazyFrames(frames, predictor.image_size)
+
+    def from_memory(video_path, image_size, **_):
+        if image_size != lazy.image_size:
+            raise RuntimeError(f"sam2 asked for {image_size}² frames, prepared {lazy.image_size}²")
+        return lazy, H, W
+
+    with _SAM2_FEED_LOCK, mock.patch.object(svp, "load_video_frames", from_memory):
+        return predictor.init_state(video_path="<pmvis in-memory frames>", offload_video_to_cpu=True)
+
+
+def build_sam2_predictor(config_name: str, checkpoint: str | None, *, device: str = "cpu",
+                         random_init_seed: int = 0, overrides: list[str] | None = None):
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    what = f"SAM 2 ({config_name})"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_init_seed)
+        try:
+            predictor = build_sam2_video_predictor(config_name, ckpt_path=None, device="cpu",
+                                                   hydra_overrides_extra=list(overrides or []))
+        except Exception as e:  # hydra: MissingConfigException, ConfigCompositionException...
+            if type(e).__module__.startswith(("hydra", "omegaconf")):
+                raise PmvisError(f"sam2_config {config_name!r}: not a usable sam2 config "
+                                 f"(e.g. configs/sam2.1/sam2.1_hiera_t.yaml): {e}") from None
+            raise
+    if checkpoint is None:
+        warn_random_weights(what)
+    else:
+        loaded = load_checkpoint_file(checkpoint, what)
+        load_state_dict_strict(predictor, state_dict_from(loaded, checkpoint, what, keys=("model",)),
+                               checkpoint, what)
+        log.info("%s: loaded weights from %s", what, checkpoint)
+    predictor.fill_hole_area = 0  # needs sam2's CUDA extension, which this project does not build
+    return predictor.to(device).eval()
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow for large |x|
+
+
+class Sam2Tracker:
+    def __init__(self, config: TrackConfig, device: str):
+        self.predictor = build_sam2_predictor(config.sam2_config, config.checkpoint, device=device,
+                                              random_init_seed=config.random_init_seed,
+                                              overrides=config.sam2_overrides)
+        self.feed = config.frame_feed
+
+    @staticmethod
+    def _object_score(state: dict, obj_idx: int, t: int) -> float:
+        outputs = state["output_dict_per_obj"][obj_idx]
+        out = outputs["cond_frame_outputs"].get(t) or outputs["non_cond_frame_outputs"].get(t)
+        return float(out["object_score_logits"].float().reshape(-1)[0])
+
+    def track(self, frames: np.ndarray, groups: list[tuple[int, dict[int, np.ndarray]]]
+              ) -> dict[int, tuple[list[np.ndarray | None], list[float | None]]]:
+        import torch
+
+        T = len(frames)
+        results: dict[int, tuple[list, list]] = {}
+        if not groups:
+            return results
+        p = self.predictor
+        with torch.inference_mode():
+            state = sam2_init_state(p, frames, self.feed)
+            for key, objects in groups:
+                p.reset_state(state)
+                for oid, mask in objects.items():
+                    p.add_new_mask(state, frame_idx=key, obj_id=oid, mask=mask)
+                masks = {oid: [None] * T for oid in objects}
+                confs = {oid: [None] * T for oid in objects}
+                done: set[int] = set()
+                for reverse in (False, True):
+                    for t, obj_ids, logits in p.propagate_in_video(state, start_frame_idx=key, reverse=reverse):
+                        if t in done:  # the key frame comes out of both passes
+                            continue
+                        done.add(t)
+                        for i, oid in enumerate(obj_ids):
+                            score = self._object_score(state, i, t)
+                            if t == key:  # the seed itself, not its copy resampled to the model's grid
+                                masks[oid][t], confs[oid][t] = objects[oid].astype(bool), _sigmoid(score)
+                                continue
+                            if score <= 0:
+                                continue
+                            m = (logits[i, 0] > 0).cpu().numpy()
+                            if m.any():
+                                masks[oid][t], confs[oid][t] = m, _sigmoid(score)
+                for oid in objects:
+                    results[oid] = (masks[oid], confs[oid])
+            p.reset_state(state)
+        return results
+
+
+def build_tracker(config: TrackConfig) -> Tracker:
+    device = resolve_device(config.device, config.num_gpus)
+    if config.engine == "sam2":
+        return Sam2Tracker(config, device)
+    from pmvis.models.sources.deaot import DeAOTTracker
+
+    return DeAOTTracker(config.deaot_root, config.deaot_config, config.deaot_checkpoint, device=device,
+                        max_long_edge=config.deaot_max_long_edge, random_init_seed=config.random_init_seed)
+
+
+# ----------------------------------------------------------------------------- the source
+
+
+class TrackSource:
+    name = NAME
+
+    def __init__(self, config: TrackConfig, tracker: Tracker | None = None):
+        self.config = config
+        self.tracker = tracker if tracker is not None else build_tracker(config)
+
+    def key_frames(self, video: VideoInput) -> dict[int, KeyFrame]:
+        H, W = video.size
+        keys = {}
+        for aid, boxes in video.boxes.items():
+            try:
+                k = select_key_frame(video.init_masks.get(aid), boxes, H, W)
+            except PmvisError as e:
+                raise PmvisError(f"video id={video.video_id}, annotation id={aid}: {self.config.init_from} "
+                                 f"init masks: {e}") from None
+            if k is not None:
+                keys[aid] = k
+        return keys
+
+    def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
+        out = empty_tracks(video)
+        keys = self.key_frames(video)
+        fallbacks = [aid for aid, k in keys.items() if not k.from_init]
+        if fallbacks:
+            log.info("video id=%s: no usable %s mask for annotation(s) %s; starting from the largest box",
+                     video.video_id, self.config.init_from, fallbacks)
+        tracked = self.tracker.track(video.frames, group_by_key_frame(keys))
+        for aid, (masks, confs) in tracked.items():
+            out[aid] = SourceMasks(masks=list(masks), confidences=list(confs))
+        return out
+
+
+register_source(NAME, SourceSpec(config_cls=TrackConfig, build=TrackSource, uses_model=True,
+                                 needs_init_from=DEFAULT_INIT_FROM))
