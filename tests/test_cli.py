@@ -25,12 +25,22 @@ def test_top_level_help_lists_commands():
         assert command in out.stdout
 
 
-def test_demo_tiny(tmp_path, capsys):
-    assert main(["demo", "--tiny", "--out", str(tmp_path / "demo")]) == 0
+@pytest.mark.slow
+def test_demo_tiny(ray_session, tmp_path, capsys):
+    """The whole demo on a tiny set: synth, baselines, pseudo masks on Ray Data, fuse/filter, report."""
+    import mlflow
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "box_baseline" in text and "AP50" in text
-    box = json.loads((tmp_path / "demo/metrics_box_baseline.json").read_text())
-    ann = json.loads((tmp_path / "demo/metrics_annotation_masks.json").read_text())
-    # The noisy annotation masks are closer to the truth than filled boxes are.
-    assert ann["AP"] > box["AP"]
-    assert (tmp_path / "demo/data/defects.json").exists()
+    assert "box_baseline" in text and "AP50" in text and "mean IoU" in text
+    box = json.loads((out / "metrics_box_baseline.json").read_text())
+    ann = json.loads((out / "metrics_annotation_masks.json").read_text())
+    assert ann["AP"] > box["AP"]  # the noisy annotation masks are closer to the truth than boxes
+    report = json.loads((out / "report/report.json").read_text())
+    assert set(report["quality"]) >= {"grabcut", "hqsam", "track", "fused", "filled box"}
+    assert (out / "report/quality_by_source.png").stat().st_size > 0
+    assert (out / "train_pseudo.json").exists() and (out / "train_clean.json").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow/mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["pmvis-pseudo-masks"])
+    assert len(runs) == 1 and "metrics.grabcut.mean_iou" in runs.columns

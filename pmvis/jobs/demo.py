@@ -1,9 +1,11 @@
-"""Run the embedded default end to end: synthetic data, then baselines scored against the truth.
+"""Run the embedded default end to end on a local Ray: synthetic data → pseudo masks → fuse/filter → report.
 
-Generates the default synthetic YouTube-VIS set under OUT/data, then scores (1) the "filled box
-as mask" baseline built from the annotation boxes and (2) the user's annotation masks themselves
-(with their injected defects) against the true masks, printing AP tables and mean
-spatio-temporal mask IoU. Later stages (pseudo masks, training, sweeps) extend this command.
+1. a synthetic YouTube-VIS set under OUT/data (boxes, defective masks, true masks);
+2. the "filled box as mask" baseline and the defective annotation masks scored against the truth;
+3. pseudo masks from GrabCut, HQ-SAM (vit_tiny) and a SAM 2 (tiny) tracker on Ray Data — random
+   weights unless checkpoints are given, so the model sources show the plumbing, not quality;
+4. DOOB/SCM/SHQM fusion into training annotations and the RIA / Missing-Data filters;
+5. a quality report (plots, filter precision/recall) logged to MLflow under OUT/mlflow.
 """
 
 from __future__ import annotations
@@ -15,56 +17,93 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("pmvis-demo"), metavar="DIR",
-                        help="output directory (default ./pmvis-demo; replaced on each run)")
+                        help="output directory (default ./pmvis-demo; its dataset is regenerated each run)")
     parser.add_argument("--seed", type=int, default=None, help="synthetic data seed (default 0)")
+    parser.add_argument("--sources", default=",".join(DEMO_SOURCES),
+                        help=f"pseudo-mask sources (default {','.join(DEMO_SOURCES)})")
+    parser.add_argument("--hqsam-checkpoint", help="a real sam_hq_vit_tiny.pth (else random weights)")
+    parser.add_argument("--sam2-checkpoint", help="a real sam2.1_hiera_tiny.pt (else random weights)")
     parser.add_argument("--tiny", action="store_true", help="a very small dataset, for tests")
 
 
+DEMO_SOURCES = ("grabcut", "hqsam", "track")
 # The --tiny dataset: small enough for a test, big enough to have every kind of defect.
-TINY_SYNTH = {"videos": 3, "frames": 6, "height": 64, "width": 80}
+TINY_SYNTH = {"videos": 3, "frames": 4, "height": 64, "width": 80}
+# The demo's default dataset: small enough for the random-weight models on 2 CPU cores.
+DEMO_SYNTH = {"videos": 6, "frames": 8}
+# Without a SAM 2 checkpoint the tracker's weights are random anyway: run it at a small input
+# size so the demo stays fast (SAM 2 is trained at 1024; a real checkpoint keeps that).
+RANDOM_SAM2_OVERRIDES = ("++model.image_size=256",)
 
 
 def run(args: argparse.Namespace) -> int:
+    import shutil
+
     from pmvis.models.box_baseline import annotations_as_results, filled_box_results
+    from pmvis.models.filters import FilterConfig, filter_annotations
+    from pmvis.models.fusion import fuse_annotations
+    from pmvis.platform.cluster import connect
     from pmvis.platform.config import build_config
-    from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table, mask_quality
+    from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
     from pmvis.platform.io import write_json_atomic
+    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.raw_masks import read_raw
+    from pmvis.platform.report import ReportConfig, build_report, format_report
     from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.ytvis import load_ytvis, save_results
+    from pmvis.platform.tracking import default_tracking_uri
+    from pmvis.platform.ytvis import load_ytvis, save_results, save_ytvis
 
     start = time.perf_counter()
-    out: Path = args.out
-    values = dict(TINY_SYNTH) if args.tiny else {}
+    out: Path = args.out.resolve()
+    values = dict(TINY_SYNTH if args.tiny else DEMO_SYNTH)
     if args.seed is not None:
         values["seed"] = args.seed
     synth_cfg = build_config(SynthConfig, values, source="demo")
     data_dir = out / "data"
-    print(f"[1/2] synthetic dataset -> {data_dir}")
+    print(f"[1/5] synthetic dataset -> {data_dir}")
     summary = generate_synthetic(data_dir, synth_cfg, overwrite=True, progress=True)
     print(f"      {summary['videos']} videos, {summary['instances']} instances, {summary['masks']} masks, "
           f"defects {summary['defects']}")
 
     truth = load_ytvis(data_dir / "truth.json")
     annotations = load_ytvis(data_dir / "annotations.json", check_frames=True)
-    print("[2/2] scoring baselines against the true masks")
-    rows = {}
+    print("[2/5] baselines scored against the true masks")
     for name, results in (("box_baseline", filled_box_results(annotations)),
                           ("annotation_masks", annotations_as_results(annotations))):
         save_results(results, out / f"results_{name}.json")
         metrics = evaluate_ytvis(truth, results)
         write_json_atomic(out / f"metrics_{name}.json", metrics.to_json(), indent=2)
-        rows[name] = metrics
-        print(format_metrics_table(metrics, title=f"\n{name}"))
-    box_quality = mask_quality(_as_annotations(annotations, filled_box_results(annotations)), truth)
-    ann_quality = mask_quality(annotations.annotations, truth)
-    print(f"\nmean spatio-temporal mask IoU vs truth: filled boxes {box_quality.mean:.3f}, "
-          f"annotation masks (with defects) {ann_quality.mean:.3f}")
-    print(f"outputs in {out.resolve()}  ({time.perf_counter() - start:.1f} s)")
+        print(format_metrics_table(metrics, title=f"{name}"))
+
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    options: dict = {"track": {"checkpoint": args.sam2_checkpoint} if args.sam2_checkpoint
+                     else {"sam2_overrides": list(RANDOM_SAM2_OVERRIDES)}}
+    if args.hqsam_checkpoint:
+        options["hqsam"] = {"checkpoint": args.hqsam_checkpoint}
+    pm_dir = out / "pseudo_masks"
+    shutil.rmtree(pm_dir, ignore_errors=True)  # the dataset was regenerated: stored masks are stale
+    print(f"[3/5] pseudo masks ({', '.join(sources)}) on a local Ray -> {pm_dir}")
+    connect("local")
+    pm_cfg = build_config(PseudoMaskConfig, {"sources": sources, "source_options": options}, source="demo")
+    generate_pseudo_masks(data_dir, pm_dir, pm_cfg)
+
+    print("[4/5] fusion (DOOB, SCM, SHQM) and ground-truth filters (RIA, Missing-Data)")
+    filter_cfg = FilterConfig()
+    tracks = read_raw(pm_dir / "raw")
+    fused = fuse_annotations(annotations, tracks, filter_cfg.fuse)
+    save_ytvis(fused, out / "train_pseudo.json")
+    cleaned, findings = filter_annotations(annotations, tracks, filter_cfg)
+    save_ytvis(cleaned, out / "train_clean.json")
+    write_json_atomic(out / "train_clean.report.json", findings, indent=2)
+    print(f"      {out / 'train_pseudo.json'} (fused pseudo masks), {out / 'train_clean.json'} "
+          f"({len(findings)} entries flagged)")
+
+    print("[5/5] quality report")
+    tracking_uri = default_tracking_uri(out / "mlflow")
+    report = build_report(data_dir, pm_dir, out / "report", ReportConfig(filter=filter_cfg),
+                          tracking_uri=tracking_uri)
+    print(format_report(report))
+    print(f"\nplots: {', '.join(str(out / 'report' / p) for p in report['plots'])}")
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"outputs in {out}  ({time.perf_counter() - start:.1f} s)")
     return 0
-
-
-def _as_annotations(dataset, results):
-    """Results built one per annotation (same order) → annotations with those masks, same ids."""
-    import dataclasses
-
-    return [dataclasses.replace(a, segmentations=r.segmentations) for a, r in zip(dataset.annotations, results)]
