@@ -1,0 +1,502 @@
+"""Online VIS inference with IDOL's memory-bank tracker (DESIGN.md §4.3).
+
+A video is fed through the model in chunks of ``chunk_size`` frames (one batch of images per
+chunk); the frames are then tracked one after the other:
+
+1. **Select.** Last decoder layer; a query's score is its maximum sigmoid class probability;
+   queries with score > ``score_threshold`` are kept.
+2. **Box NMS** (``torchvision.ops.nms``, class-agnostic, IoU > ``box_nms_threshold`` suppressed),
+   then **mask NMS**: greedy by score on the binarised stride-4 masks (logit > 0, padding cropped),
+   a mask whose IoU with an already kept one is > ``mask_nms_threshold`` is suppressed. Mask IoU is
+   computed at stride 4 (the model's mask resolution), not at the frame size: same ranking, far
+   cheaper.
+3. **Associate** with the memory bank. Each live track's memory embedding is the score- and
+   time-weighted average of its last ``memory_length`` embeddings: weight of the k-th oldest of
+   n = score_k · (k + 1) / n. Bi-softmax similarity of detections (N, E) and tracks (K, E):
+   ``S = (softmax_tracks(D·Tᵀ) + softmax_detections(D·Tᵀ)) / 2`` (raw dot products, as the
+   contrastive loss is trained). Matching is greedy mutual-best: the highest remaining entry of S
+   is matched first and its row and column removed, until no entry exceeds
+   ``match_threshold`` — every match is the mutual best of the still unmatched pairs.
+4. **New tracks** from unmatched detections with score > ``new_track_score``; other unmatched
+   detections are discarded.
+5. **Forget.** A track unmatched on a frame counts one miss (a match resets the count); after
+   ``max_missed`` + 1 consecutive misses it leaves the bank (it can still be matched on the frame
+   after its ``max_missed``-th miss). Its detections stay in the output.
+
+Output per track: per-frame masks at the ORIGINAL frame size (stride-4 logits bilinearly upsampled
+×4 to the padded canvas, padding cropped, bilinearly resized to the frame, logit > 0) as compressed
+RLE, per-frame boxes (model boxes, xyxy pixels of the original frame) and class probabilities. Its
+video-level class is the argmax of the mean per-frame class probabilities and its score that mean
+probability (DESIGN: video score = mean per-frame class score).
+
+Inputs are resized so that the short side is ``test_short_side`` (``None``: native size, the tiny
+demo) with the long side capped at ``test_max_size``, ImageNet-normalised, and zero-padded to a
+multiple of ``size_divisibility``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from pmvis.platform.config import StrictConfig
+from pmvis.platform.errors import PmvisError
+from pmvis.platform.ytvis import Result, Rle, YTVISDataset, encode_mask
+
+from .boxes import cxcywh_to_xyxy
+from .idol import normalize_images
+
+log = logging.getLogger("pmvis.inference")
+
+
+class InferenceConfig(StrictConfig):
+    """Every knob of online inference (defaults: IDOL, DESIGN.md §4.3)."""
+
+    chunk_size: int = Field(10, ge=1, description="frames per model forward pass (one batch)")
+    score_threshold: float = Field(0.1, ge=0.0, le=1.0, description="keep queries with max class prob > this")
+    box_nms_threshold: float = Field(0.9, gt=0.0, le=1.0, description="box IoU above which a lower-scored box is suppressed")
+    mask_nms_threshold: float = Field(0.5, gt=0.0, le=1.0, description="mask IoU above which a lower-scored mask is suppressed")
+    memory_length: int = Field(3, ge=1, description="embeddings per track kept in the memory bank")
+    match_threshold: float = Field(0.5, ge=0.0, le=1.0, description="bi-softmax score a match must exceed")
+    new_track_score: float = Field(0.2, ge=0.0, le=1.0, description="an unmatched detection starts a track above this")
+    max_missed: int = Field(10, ge=0, description="consecutive unmatched frames a track survives in the bank")
+    test_short_side: int | None = Field(480, ge=4, description="resize the short side to this; null: native size")
+    test_max_size: int | None = Field(1333, ge=4, description="cap on the resized long side; null: no cap")
+    size_divisibility: int = Field(32, ge=4, description="pad the input to a multiple of this (multiple of 4)")
+    device: str | None = Field(None, description='torch device (the model is moved there); null: where the model is')
+
+    @model_validator(mode="after")
+    def _check(self) -> "InferenceConfig":
+        if self.size_divisibility % 4:
+            raise ValueError(f"size_divisibility must be a multiple of the mask stride 4, got {self.size_divisibility}")
+        return self
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class Detection:
+    """One track's detection on one frame."""
+
+    score: float  # max class probability of the query
+    class_scores: np.ndarray  # (C,) sigmoid class probabilities
+    box: np.ndarray  # (4,) xyxy pixels of the original frame (the model's box)
+    mask: Rle  # compressed RLE at the original frame size
+
+
+@dataclass
+class Track:
+    """One predicted instance track: its detections by frame index."""
+
+    id: int
+    detections: dict[int, Detection] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> list[int]:
+        return sorted(self.detections)
+
+    @property
+    def mean_class_scores(self) -> np.ndarray:
+        return np.mean([d.class_scores for d in self.detections.values()], axis=0)
+
+    @property
+    def label(self) -> int:
+        """Class index: argmax of the mean per-frame class probabilities."""
+        return int(np.argmax(self.mean_class_scores))
+
+    @property
+    def score(self) -> float:
+        """Video-level score: the mean per-frame probability of :attr:`label`."""
+        return float(self.mean_class_scores.max())
+
+    def segmentations(self, length: int) -> list[Rle | None]:
+        return [self.detections[t].mask if t in self.detections else None for t in range(length)]
+
+
+# ----------------------------------------------------------------------------- NMS
+
+
+def box_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices (descending score) of the boxes kept by class-agnostic NMS at IoU ``threshold``."""
+    from torchvision.ops import nms
+
+    if boxes_xyxy.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes_xyxy.device)
+    return nms(boxes_xyxy.float(), scores.float(), float(threshold))
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU ``(n, m)`` of binary masks ``a (n, h, w)`` and ``b (m, h, w)`` (0 for two empties)."""
+    a = a.flatten(1).float()
+    b = b.flatten(1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def mask_nms(masks: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy NMS on binary masks ``(N, h, w)``: indices (descending score) of the kept masks; a mask
+    whose IoU with a kept higher-scored one is > ``threshold`` is suppressed."""
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=masks.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    iou = mask_iou(masks[order], masks[order]).cpu()
+    suppressed = torch.zeros(n, dtype=torch.bool)
+    keep = []
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > threshold
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+
+
+# ----------------------------------------------------------------------------- memory bank + association
+
+
+def memory_embedding(embeddings: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Score- and time-weighted average of a track's last n embeddings ``(n, E)`` (oldest first):
+    weight_k = score_k · (k + 1) / n."""
+    n = embeddings.shape[0]
+    time_w = torch.arange(1, n + 1, dtype=embeddings.dtype, device=embeddings.device) / n
+    w = scores.to(embeddings) * time_w
+    return (w[:, None] * embeddings).sum(0) / w.sum().clamp(min=1e-12)
+
+
+def bisoftmax(det_embeddings: torch.Tensor, track_embeddings: torch.Tensor) -> torch.Tensor:
+    """``(N, K)``: mean of the softmax over tracks and the softmax over detections of the dot
+    products of detection ``(N, E)`` and track ``(K, E)`` embeddings."""
+    sim = det_embeddings.float() @ track_embeddings.float().T
+    if sim.numel() == 0:
+        return sim
+    return 0.5 * (sim.softmax(dim=1) + sim.softmax(dim=0))
+
+
+def associate(scores: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
+    """Greedy mutual-best matching of a ``(N, K)`` score matrix: take the highest remaining entry
+    while it exceeds ``threshold``, removing its row and column. Returns (detection, track) pairs."""
+    s = scores.detach().float().cpu().clone()
+    pairs: list[tuple[int, int]] = []
+    if s.numel() == 0:
+        return pairs
+    k = s.shape[1]
+    for _ in range(min(s.shape)):
+        value, flat = s.flatten().max(0)
+        if not value > threshold:
+            break
+        i, j = divmod(int(flat), k)
+        pairs.append((i, j))
+        s[i, :] = -math.inf
+        s[:, j] = -math.inf
+    return pairs
+
+
+@dataclass
+class _Memory:
+    embeddings: list[torch.Tensor]
+    scores: list[float]
+    missed: int = 0
+
+
+class MemoryBank:
+    """The live tracks' recent embeddings; tracks leave after ``max_missed`` + 1 consecutive misses."""
+
+    def __init__(self, memory_length: int = 3, max_missed: int = 10) -> None:
+        self.memory_length = memory_length
+        self.max_missed = max_missed
+        self.entries: dict[int, _Memory] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def track_ids(self) -> list[int]:
+        return list(self.entries)
+
+    def embeddings(self) -> torch.Tensor | None:
+        """``(K, E)`` memory embeddings in :attr:`track_ids` order (None when empty)."""
+        if not self.entries:
+            return None
+        return torch.stack([memory_embedding(torch.stack(m.embeddings), torch.tensor(m.scores))
+                            for m in self.entries.values()])
+
+    def add(self, track_id: int, embedding: torch.Tensor, score: float) -> None:
+        """Record a detection of ``track_id`` (a new track or a match): resets its miss count."""
+        m = self.entries.setdefault(track_id, _Memory([], []))
+        m.embeddings = (m.embeddings + [embedding.detach().float()])[-self.memory_length:]
+        m.scores = (m.scores + [float(score)])[-self.memory_length:]
+        m.missed = 0
+
+    def miss(self, track_ids: Iterable[int]) -> list[int]:
+        """Count a miss for each of ``track_ids``; returns the ids dropped from the bank."""
+        dropped = []
+        for tid in track_ids:
+            m = self.entries[tid]
+            m.missed += 1
+            if m.missed > self.max_missed:
+                del self.entries[tid]
+                dropped.append(tid)
+        return dropped
+
+
+class Tracker:
+    """Online association of per-frame detections to tracks (steps 3–5 of the module doc)."""
+
+    def __init__(self, cfg: InferenceConfig) -> None:
+        self.cfg = cfg
+        self.bank = MemoryBank(cfg.memory_length, cfg.max_missed)
+        self.next_id = 0
+
+    def step(self, embeddings: torch.Tensor, scores: torch.Tensor) -> list[int | None]:
+        """Detections of one frame (``(N, E)`` embeddings, ``(N,)`` scores) → their track ids
+        (``None``: discarded — unmatched and not confident enough for a new track)."""
+        n = embeddings.shape[0]
+        ids: list[int | None] = [None] * n
+        track_ids = self.bank.track_ids
+        matched_tracks: set[int] = set()
+        memory = self.bank.embeddings()
+        if memory is not None and n:
+            for i, j in associate(bisoftmax(embeddings, memory.to(embeddings.device)), self.cfg.match_threshold):
+                ids[i] = track_ids[j]
+                matched_tracks.add(track_ids[j])
+        for i in range(n):
+            if ids[i] is None and float(scores[i]) > self.cfg.new_track_score:
+                ids[i] = self.next_id
+                self.next_id += 1
+        for i, tid in enumerate(ids):
+            if tid is not None:
+                self.bank.add(tid, embeddings[i], float(scores[i]))
+        self.bank.miss([t for t in track_ids if t not in matched_tracks])
+        return ids
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def resolve_device(device: str | None) -> torch.device | None:
+    """A torch device from a config string (None stays None); CUDA without CUDA is a PmvisError."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise PmvisError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PmvisError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def resized_size(height: int, width: int, cfg: InferenceConfig) -> tuple[int, int]:
+    """The model-input size (before padding) of a ``height`` × ``width`` frame."""
+    if cfg.test_short_side is None:
+        scale = 1.0
+    else:
+        scale = cfg.test_short_side / min(height, width)
+    if cfg.test_max_size is not None and max(height, width) * scale > cfg.test_max_size:
+        scale = cfg.test_max_size / max(height, width)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def padded_size(height: int, width: int, divisibility: int) -> tuple[int, int]:
+    return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
+
+
+def prepare_images(frames: np.ndarray, size: tuple[int, int], padded: tuple[int, int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB uint8 ``(B, H, W, 3)`` → normalised, resized to ``size``, zero-padded to ``padded``:
+    images ``(B, 3, Hp, Wp)`` and padding mask ``(B, Hp, Wp)`` (True on padding)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down).clamp(0, 255)
+    x = normalize_images(x)
+    (h, w), (hp, wp) = size, padded
+    images = F.pad(x, (0, wp - w, 0, hp - h))
+    mask = torch.ones(x.shape[0], hp, wp, dtype=torch.bool, device=device)
+    mask[:, :h, :w] = False
+    return images, mask
+
+
+def masks_to_frame(logits: torch.Tensor, stride: int, size: tuple[int, int],
+                   original: tuple[int, int]) -> torch.Tensor:
+    """Stride-``stride`` mask logits ``(N, hp/s, wp/s)`` of the padded canvas → binary masks
+    ``(N, H, W)`` of the original frame: upsample ×stride, crop the padding (``size`` = the resized
+    input), resize to ``original``, logit > 0."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, *original, dtype=torch.bool, device=logits.device)
+    x = logits[:, None].float()
+    x = F.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
+    x = x[:, :, : size[0], : size[1]]
+    if tuple(size) != tuple(original):
+        x = F.interpolate(x, size=original, mode="bilinear", align_corners=False)
+    return x[:, 0] > 0
+
+
+# ----------------------------------------------------------------------------- video / dataset
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _select_frame(model, output, b: int, cfg: InferenceConfig, valid_stride: tuple[int, int]):
+    """Steps 1–2 for image ``b`` of a chunk: kept query indices (descending score), scores, probs,
+    padded-pixel xyxy boxes and stride-4 mask logits of the kept queries."""
+    layer = output.num_layers - 1
+    probs = output.logits[layer, b].sigmoid()  # (Q, C)
+    scores, _ = probs.max(-1)
+    idx = torch.nonzero(scores > cfg.score_threshold).squeeze(1)
+    hp, wp = output.image_size
+    scale = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=probs.device)
+    boxes = cxcywh_to_xyxy(output.boxes[layer, b].float()) * scale
+    if idx.numel():
+        idx = idx[box_nms(boxes[idx], scores[idx], cfg.box_nms_threshold)]
+    logits = model.mask_logits(output, layer, b, idx) if idx.numel() else \
+        output.mask_features.new_zeros(0, *output.mask_size)
+    if idx.numel():
+        hv, wv = valid_stride
+        keep = mask_nms(logits[:, :hv, :wv] > 0, scores[idx], cfg.mask_nms_threshold)
+        idx, logits = idx[keep], logits[keep]
+    return idx, scores[idx], probs[idx], boxes[idx], logits
+
+
+def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConfig | None = None) -> list[Track]:
+    """Track the instances of one video: ``frames`` ``(T, H, W, 3)`` RGB uint8 → tracks (ids in
+    order of creation), each with masks at ``H × W``."""
+    cfg = cfg or InferenceConfig()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
+    device = resolve_device(cfg.device) or _model_device(model)
+    if _model_device(model) != device:
+        model.to(device)
+    T, H, W = frames.shape[:3]
+    size = resized_size(H, W, cfg)
+    padded = padded_size(*size, cfg.size_divisibility)
+    stride = model.cfg.mask_stride
+    valid_stride = (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+    sx, sy = W / size[1], H / size[0]
+    to_frame = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=device)
+    limit = torch.tensor([W, H, W, H], dtype=torch.float32, device=device)
+    tracker = Tracker(cfg)
+    tracks: dict[int, Track] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, T, cfg.chunk_size):
+                chunk = frames[start:start + cfg.chunk_size]
+                images, pad_mask = prepare_images(chunk, size, padded, device)
+                output = model(images, pad_mask)
+                for b in range(chunk.shape[0]):
+                    t = start + b
+                    idx, scores, probs, boxes, logits = _select_frame(model, output, b, cfg, valid_stride)
+                    ids = tracker.step(output.embeddings[b, idx], scores)
+                    sel = [i for i, tid in enumerate(ids) if tid is not None]
+                    if not sel:
+                        continue
+                    sel_t = torch.tensor(sel, dtype=torch.long, device=logits.device)
+                    masks = masks_to_frame(logits[sel_t], stride, size, (H, W)).cpu().numpy()
+                    frame_boxes = torch.minimum((boxes[sel_t] * to_frame).clamp(min=0), limit).cpu().numpy()
+                    sel_scores = scores[sel_t].float().cpu().numpy()
+                    sel_probs = probs[sel_t].float().cpu().numpy()
+                    for k, i in enumerate(sel):
+                        tid = ids[i]
+                        track = tracks.setdefault(tid, Track(id=tid))
+                        track.detections[t] = Detection(score=float(sel_scores[k]), class_scores=sel_probs[k],
+                                                        box=frame_boxes[k], mask=encode_mask(masks[k]))
+    finally:
+        model.train(was_training)
+    return [tracks[tid] for tid in sorted(tracks)]
+
+
+def resolve_category_ids(state: dict | None, dataset: YTVISDataset, num_classes: int) -> list[int]:
+    """Class index → dataset category id: the checkpoint's ``extra["category_ids"]`` (recorded by
+    training); without it, the dataset's category ids sorted ascending (a logged warning). Ids not
+    in the dataset, or a count other than the model's classes, are a PmvisError."""
+    extra = (state or {}).get("extra") or {}
+    where = (state or {}).get("path", "checkpoint")
+    ids = extra.get("category_ids")
+    if ids is None:
+        ids = sorted(dataset.categories)
+        log.warning("%s records no category_ids: assuming class i is the i-th smallest dataset category id %s",
+                    where, ids)
+    return check_category_ids(ids, dataset, num_classes, where=str(where))
+
+
+def check_category_ids(ids: Sequence[int], dataset: YTVISDataset | None, num_classes: int, *,
+                       where: str = "category_ids") -> list[int]:
+    ids = [int(i) for i in ids]
+    if len(ids) != num_classes:
+        raise PmvisError(f"{where}: {len(ids)} category ids {ids} for a model with {num_classes} classes")
+    if len(set(ids)) != len(ids):
+        raise PmvisError(f"{where}: category ids {ids} are not unique")
+    if dataset is not None:
+        unknown = [i for i in ids if i not in dataset.categories]
+        if unknown:
+            raise PmvisError(f"{where}: category ids {unknown} of the model are not categories of the dataset "
+                             f"{dataset.path or ''} (it has {sorted(dataset.categories)}); "
+                             f"was the checkpoint trained on another dataset?")
+    return ids
+
+
+def tracks_to_results(tracks: Sequence[Track], video_id: int, length: int, category_ids: Sequence[int]) -> list[Result]:
+    return [Result(video_id=video_id, category_id=int(category_ids[tr.label]), score=tr.score,
+                   segmentations=tr.segmentations(length)) for tr in tracks]
+
+
+def predict_dataset(
+    model: torch.nn.Module,
+    dataset: YTVISDataset,
+    cfg: InferenceConfig | None = None,
+    *,
+    category_ids: Sequence[int] | None = None,
+    video_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> list[Result]:
+    """YTVIS results (one per track) for ``video_ids`` (default: every video) of ``dataset``.
+
+    ``category_ids`` maps class index → category id (training stores it in the checkpoint,
+    ``state["extra"]["category_ids"]``; see :func:`resolve_category_ids`); None: the dataset's
+    category ids sorted ascending, with a warning.
+    """
+    from tqdm import tqdm
+
+    cfg = cfg or InferenceConfig()
+    num_classes = model.cfg.num_classes
+    if category_ids is None:
+        category_ids = resolve_category_ids(None, dataset, num_classes)
+    else:
+        category_ids = check_category_ids(category_ids, dataset, num_classes)
+    vids = sorted(dataset.videos) if video_ids is None else list(video_ids)
+    unknown = [v for v in vids if v not in dataset.videos]
+    if unknown:
+        raise PmvisError(f"{dataset.path}: video ids {unknown} are not in the dataset")
+    results: list[Result] = []
+    for vid in tqdm(vids, desc="predict", unit="video", disable=not progress):
+        video = dataset.videos[vid]
+        tracks = predict_video(model, dataset.read_video(vid), cfg)
+        results.extend(tracks_to_results(tracks, vid, video.length, category_ids))
+    return results
+
+
+def load_inference_model(path, cfg: InferenceConfig | None = None):
+    """:func:`pmvis.models.vis.checkpoint.load_model` onto ``cfg.device`` (None: CUDA if available,
+    else CPU) → (model, model config, checkpoint state)."""
+    from .checkpoint import load_model
+
+    cfg = cfg or InferenceConfig()
+    device = resolve_device(cfg.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(path, device=device)
