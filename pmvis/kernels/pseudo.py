@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Element-wise sigmoid focal loss (RetinaNet); ``alpha < 0`` disables the class balance."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
 def pseudo_mask_loss(
     mask_logits: torch.Tensor,
     pseudo_masks: torch.Tensor,
@@ -40,12 +51,7 @@ def pseudo_mask_loss(
     x = mask_logits.reshape(n, -1)
     t = pseudo_masks.reshape(n, -1).to(x.dtype)
     p = x.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    focal = ce * (1 - p_t) ** focal_gamma
-    if focal_alpha >= 0:
-        focal = focal * (focal_alpha * t + (1 - focal_alpha) * (1 - t))
-    focal = focal.mean(1)
+    focal = sigmoid_focal_loss(x, t, focal_alpha, focal_gamma).mean(1)
     dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
     if weights is not None:
         w = weights.to(x.dtype)

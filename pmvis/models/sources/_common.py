@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pmvis.models.sources.base import SourceMasks, VideoInput
+from pmvis.platform.devices import resolve_device  # noqa: F401  (re-exported for the sources)
 from pmvis.platform.errors import PmvisError
 
 log = logging.getLogger("pmvis.sources")
@@ -57,24 +58,6 @@ def clip01(x: float) -> float:
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: str | None, num_gpus: float) -> str:
-    """``None`` → ``"cuda"`` when the source was given GPUs and CUDA is available, else ``"cpu"``.
-
-    An explicit CUDA device on a machine without CUDA is a PmvisError (not a crash deep in torch).
-    """
-    import torch
-
-    if device is None:
-        return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise PmvisError(f"device {device!r} is not a torch device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PmvisError(f"device {device!r} was asked for but CUDA is not available on this machine")
-    return device
 
 
 # ----------------------------------------------------------------------------- checkpoints

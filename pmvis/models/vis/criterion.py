@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pmvis.kernels import pairwise_loss, projection_loss, pseudo_mask_loss, tk_affinity, tk_loss, warmup_factor
+from pmvis.kernels.pseudo import sigmoid_focal_loss
 
 from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from .config import LossConfig
@@ -39,17 +40,6 @@ from .idol import MaskLogitsFn, VISOutput
 from .matcher import DynamicKMatcher, Match
 from .targets import FrameTargets
 from .tracking_loss import contrastive_pairs, negative_boundary, tracking_losses
-
-
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """Element-wise sigmoid focal loss (RetinaNet)."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss
 
 
 class VISCriterion(nn.Module):

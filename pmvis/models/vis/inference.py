@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from pmvis.platform.config import StrictConfig
+from pmvis.platform.devices import check_device
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.ytvis import Result, Rle, YTVISDataset, encode_mask
 
@@ -282,19 +283,6 @@ class Tracker:
 # ----------------------------------------------------------------------------- geometry
 
 
-def resolve_device(device: str | None) -> torch.device | None:
-    """A torch device from a config string (None stays None); CUDA without CUDA is a PmvisError."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise PmvisError(f"device {device!r} is not a torch device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PmvisError(f"device {device!r} was asked for but CUDA is not available on this machine")
-    return dev
-
-
 def resized_size(height: int, width: int, cfg: InferenceConfig) -> tuple[int, int]:
     """The model-input size (before padding) of a ``height`` × ``width`` frame."""
     if cfg.test_short_side is None:
@@ -379,7 +367,7 @@ def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConf
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
-    device = resolve_device(cfg.device) or _model_device(model)
+    device = (check_device(cfg.device) if cfg.device else None) or _model_device(model)
     if _model_device(model) != device:
         model.to(device)
     T, H, W = frames.shape[:3]
@@ -498,5 +486,5 @@ def load_inference_model(path, cfg: InferenceConfig | None = None):
     from .checkpoint import load_model
 
     cfg = cfg or InferenceConfig()
-    device = resolve_device(cfg.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (check_device(cfg.device) if cfg.device else None) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return load_model(path, device=device)
