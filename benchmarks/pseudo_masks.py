@@ -189,6 +189,61 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def run_pipeline(*, videos: int, frames: int, size: tuple[int, int], actor_counts: tuple[int, ...] = (1, 2),
+                 seed: int = 0) -> str:
+    """The Ray Data pipeline (`hqsam` source) vs the bare batched model on the same frames.
+
+    Pipeline time includes what a user waits for after Ray is up: actor start-up and model build,
+    frame reading, RLE encoding and the Parquet writes.
+    """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from pmvis.models.sources.hqsam import HQSamConfig, build_hqsam_model  # noqa: F811
+    from pmvis.platform.cluster import connect
+    from pmvis.platform.config import build_config
+    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.ytvis import load_dataset_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-"))
+    generate_synthetic(tmp / "data", SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1],
+                                                 seed=seed))
+    ds = load_dataset_dir(tmp / "data")
+    all_frames, all_boxes = [], []
+    for vid, anns in ds.annotations_by_video().items():
+        video = ds.read_video(vid)
+        for t in range(video.shape[0]):
+            boxes = [a.bboxes[t] for a in anns if a.bboxes[t] is not None]
+            if boxes:
+                all_frames.append(video[t])
+                all_boxes.append(boxes)
+    from segment_anything_hq import SamPredictor
+
+    t0 = time.perf_counter()
+    predictor = SamPredictor(build_hqsam_model(HQSamConfig().model_type, None))
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hqsam_batched(predictor, all_frames, all_boxes, hq_token_only=False)
+    bare_s = time.perf_counter() - t0
+    connect("local")
+    lines = [f"pipeline: {videos} videos x {frames} frames at {size[0]}x{size[1]} ({len(all_frames)} frames with boxes)",
+             f"bare batched model: {bare_s:.2f} s ({len(all_frames) / bare_s:.3f} frames/s; model build "
+             f"{build_s:.2f} s not included)"]
+    times = {}
+    for n in actor_counts:
+        cfg = build_config(PseudoMaskConfig, {"sources": ["hqsam"], "source_options": {"hqsam": {"actors": n}}})
+        t0 = time.perf_counter()
+        generate_pseudo_masks(tmp / "data", tmp / f"out_{n}", cfg, progress=False)
+        times[n] = time.perf_counter() - t0
+        lines.append(f"pipeline, {n} actor(s): {times[n]:.2f} s ({len(all_frames) / times[n]:.3f} frames/s), "
+                     f"overhead vs bare batched: {times[n] / bare_s:.3f}x time")
+    if 1 in times and 2 in times:
+        lines.append(f"2 actors vs 1: {times[1] / times[2]:.2f}x speed-up")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="best of N for each way (rounds interleaved)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pipeline-videos", type=int, default=0,
+                    help="also time the Ray Data pipeline (1 vs 2 actors) on this many synthetic videos")
+    ap.add_argument("--pipeline-frames", type=int, default=4)
     args = ap.parse_args(argv)
+    if args.pipeline_videos:
+        print(run_pipeline(videos=args.pipeline_videos, frames=args.pipeline_frames, size=tuple(args.size),
+                           seed=args.seed))
     r = run_hqsam(frames=args.frames, boxes=args.boxes, size=tuple(args.size), model_type=args.model_type,
                   checkpoint=args.checkpoint, device=args.device, hq_token_only=args.hq_token_only,
                   repeats=args.repeats, warmup=not args.no_warmup, seed=args.seed)
