@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     pm_dir = out / "pseudo_masks"
     shutil.rmtree(pm_dir, ignore_errors=True)  # the dataset was regenerated: stored masks are stale
     print(f"[3/5] pseudo masks ({', '.join(sources)}) on a local Ray -> {pm_dir}")
-    connect("local")
+    # Submitted as a Ray job (RAY_ADDRESS set): use that cluster; otherwise a fresh local Ray.
+    connect("auto" if os.environ.get("RAY_ADDRESS") else "local")
     pm_cfg = build_config(PseudoMaskConfig, {"sources": sources, "source_options": options}, source="demo")
     generate_pseudo_masks(data_dir, pm_dir, pm_cfg)
 

@@ -1,0 +1,511 @@
+"""Ray Tune search spaces written as small YAML files, checked against the config models.
+
+A space maps **knob paths** to **distributions**::
+
+    # knob path (dotted, into the trial config) -> distribution
+    fuse.source_weights.hqsam: {uniform: [0.0, 2.0]}    # float in [low, high)
+    loss.tk_weight: {loguniform: [0.01, 1.0]}          # float, log-uniform, 0 < low < high
+    loss.tk_k: {randint: [1, 10]}                      # int in [low, high) — high excluded, as Tune
+    fuse.mode: {choice: [select, vote]}                # one of the values, at random
+    filter.ria_tau: {grid: [0.6, 0.7, 0.8]}            # every value (Tune grid_search)
+    loss.tk: true                                      # a fixed value (also {value: ...})
+    include: [mask_sources, filters]                   # other spaces, merged first
+
+A knob path starts with a root of :data:`KNOB_ROOTS` (``fuse`` → FuseConfig, ``filter`` →
+FilterConfig, ``loss`` → LossConfig) and walks that model's fields; nested models go on
+(``filter.fuse.mode``) and a dict-valued field takes any key (``fuse.source_weights.<source>``).
+Loading a space checks, naming the file and the knob: the YAML shape, the distribution and its
+range, that the path exists in the model, and that the values the distribution can give are
+valid for the field — each choice/grid value and each range's ends (randint: ``high - 1``) is
+applied to the model defaults and validated (coupled knobs of one model, e.g. ``loss.tk_k``
+≤ ``loss.tk_window``², are validated together with sampled values of the others), and a fixed
+set of joint samples must build valid configs.
+
+Use: ``space = load_space("tk_loss")``; ``Tuner(trainable, param_space=space.to_tune())``; in the
+trial, ``cfg = apply_knobs(base_config(), space.knobs_of(trial_config))`` then
+``space.validate(...)`` / ``build_config``. Without Tune, ``space.sample(rng)`` draws the flat
+``{knob path: value}`` dict (a grid knob draws one of its values).
+
+``apply_knobs`` sets a key inside a dict-valued field and keeps the field's other keys, so apply
+onto the full defaults (:func:`base_config`): a partial dict given to a model *replaces* that
+field's default dict whole (e.g. FuseConfig's ``source_weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import random
+import types
+import typing
+from collections.abc import Mapping as AbcMapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pmvis.platform.errors import PmvisError
+
+# Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
+# use (LossConfig's module pulls in torch). Extend it for new trial sections, e.g.
+# ``KNOB_ROOTS["train"] = TrainConfig``. A root model must build from its defaults (``Model()``)
+# for the value checks; if it cannot, only the knob paths are checked.
+KNOB_ROOTS: dict[str, type[BaseModel] | str] = {
+    "fuse": "pmvis.models.fusion:FuseConfig",
+    "filter": "pmvis.models.filters:FilterConfig",
+    "loss": "pmvis.models.vis.config:LossConfig",
+}
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid", "value")
+INCLUDE_KEY = "include"
+PACKAGE = "pmvis.search_spaces"
+SPACE_SUFFIX = ".yaml"
+
+# Joint samples every loaded space must turn into valid configs; draws per coupled value check.
+_JOINT_SAMPLES = 16
+_COUPLED_TRIES = 16
+_CHECK_SEED = 0
+
+
+# ----------------------------------------------------------------------------- knob paths
+
+
+def knob_root_model(root: str) -> type[BaseModel]:
+    """The pydantic model of knob root ``root`` (imports a lazy ``"module:Class"`` entry)."""
+    try:
+        entry = KNOB_ROOTS[root]
+    except KeyError:
+        raise PmvisError(f"unknown knob root {root!r} (known: {', '.join(sorted(KNOB_ROOTS))})") from None
+    if isinstance(entry, str):
+        module_name, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module_name), attr)
+        KNOB_ROOTS[root] = entry
+    if not (isinstance(entry, type) and issubclass(entry, BaseModel)):
+        raise PmvisError(f"KNOB_ROOTS[{root!r}] is not a pydantic model class: {entry!r}")
+    return entry
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``Annotated[...]`` and ``Optional``/``X | None`` (when one type is left)."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _type_name(t: Any) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+
+
+def check_knob_path(path: str) -> tuple[str, type[BaseModel]]:
+    """Check that ``path`` names a field of a :data:`KNOB_ROOTS` model; return (root, model).
+
+    Raises PmvisError saying which segment is wrong and what the model offers there.
+    """
+    if not isinstance(path, str) or not path:
+        raise PmvisError(f"a knob path must be a non-empty string, got {path!r}")
+    segments = path.split(".")
+    if any(not s for s in segments):
+        raise PmvisError(f"unknown knob {path!r}: empty segment in the dotted path")
+    if len(segments) < 2:
+        raise PmvisError(f"unknown knob {path!r}: a knob is '<root>.<field>[...]' with root one of "
+                         f"{', '.join(sorted(KNOB_ROOTS))}")
+    root = segments[0]
+    if root not in KNOB_ROOTS:
+        raise PmvisError(f"unknown knob {path!r}: unknown root {root!r} (known: {', '.join(sorted(KNOB_ROOTS))})")
+    model = knob_root_model(root)
+    current: Any = model
+    walked = root
+    for seg in segments[1:]:
+        if _is_model(current):
+            fields = current.model_fields
+            if seg not in fields:
+                raise PmvisError(f"unknown knob {path!r}: {current.__name__} ({walked}) has no field {seg!r} "
+                                 f"(fields: {', '.join(fields)})")
+            current = _unwrap(fields[seg].annotation)
+        elif typing.get_origin(current) in (dict, AbcMapping) or current in (dict,):
+            args = typing.get_args(current)
+            current = _unwrap(args[1]) if len(args) == 2 else Any
+        else:
+            raise PmvisError(f"unknown knob {path!r}: {walked!r} is a {_type_name(current)} field, "
+                             f"it has no sub-knob {seg!r}")
+        walked = f"{walked}.{seg}"
+    return root, model
+
+
+# ----------------------------------------------------------------------------- applying knobs
+
+
+def apply_knobs(base: Mapping[str, Any], knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of the nested config dict ``base`` with every dotted ``knobs`` path set.
+
+    Missing intermediate dicts are created; other keys are kept (also inside dict-valued fields).
+    """
+    out = copy.deepcopy(dict(base))
+    for path, value in knobs.items():
+        segments = path.split(".")
+        node: dict[str, Any] = out
+        for i, seg in enumerate(segments[:-1]):
+            child = node.get(seg)
+            if child is None:
+                child = node[seg] = {}
+            elif not isinstance(child, dict):
+                raise PmvisError(f"cannot set knob {path!r}: {'.'.join(segments[:i + 1])!r} is a "
+                                 f"{type(child).__name__}, not a mapping")
+            node = child
+        node[segments[-1]] = copy.deepcopy(value)
+    return out
+
+
+def base_config(roots: Iterable[str] | None = None) -> dict[str, Any]:
+    """``{root: Model().model_dump()}`` for each root (default: every :data:`KNOB_ROOTS` root):
+    the full defaults to apply knobs onto."""
+    out: dict[str, Any] = {}
+    for root in roots if roots is not None else list(KNOB_ROOTS):
+        out[root] = knob_root_model(root)().model_dump(mode="json")
+    return out
+
+
+def build_roots(config: Mapping[str, Any], roots: Iterable[str] | None = None, *,
+                source: str = "trial config") -> dict[str, BaseModel]:
+    """Validate the given root sections of a nested config dict into their models."""
+    from pmvis.platform.config import build_config
+
+    out: dict[str, BaseModel] = {}
+    for root in roots if roots is not None else [r for r in config if r in KNOB_ROOTS]:
+        out[root] = build_config(knob_root_model(root), config.get(root) or {}, source=f"{source}: {root}")
+    return out
+
+
+def _flat_get(config: Mapping[str, Any], path: str) -> Any:
+    node: Any = config
+    for seg in path.split("."):
+        if not isinstance(node, Mapping) or seg not in node:
+            raise KeyError(path)
+        node = node[seg]
+    return node
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def _as_rng(rng: Any) -> random.Random:
+    """A ``random.Random`` from a seed, a ``random.Random``, a numpy Generator or None."""
+    if isinstance(rng, random.Random):
+        return rng
+    if rng is None or isinstance(rng, int):
+        return random.Random(rng)
+    integers = getattr(rng, "integers", None)  # numpy.random.Generator
+    if integers is not None:
+        return random.Random(int(integers(0, 2**63 - 1)))
+    raise TypeError(f"rng must be a seed, random.Random or numpy Generator, got {type(rng).__name__}")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob: its dotted path, distribution kind and arguments (a (low, high) pair or values)."""
+
+    path: str
+    kind: str
+    args: Any
+
+    def to_tune(self) -> Any:
+        from ray import tune
+
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        if self.kind == "randint":
+            return tune.randint(*self.args)
+        if self.kind == "choice":
+            return tune.choice(copy.deepcopy(list(self.args)))
+        if self.kind == "grid":
+            return tune.grid_search(copy.deepcopy(list(self.args)))
+        return copy.deepcopy(self.args)
+
+    def draw(self, rng: random.Random) -> Any:
+        if self.kind == "uniform":
+            return float(rng.uniform(*self.args))
+        if self.kind == "loguniform":
+            low, high = self.args
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        if self.kind == "randint":
+            return int(rng.randrange(*self.args))
+        if self.kind in ("choice", "grid"):
+            return copy.deepcopy(self.args[rng.randrange(len(self.args))])
+        return copy.deepcopy(self.args)
+
+    def candidates(self) -> list[Any]:
+        """The values checked at load: every listed value, or a range's ends and middle."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        if self.kind == "value":
+            return [self.args]
+        low, high = self.args
+        if self.kind == "randint":
+            return sorted({low, (low + high - 1) // 2, high - 1})
+        if self.kind == "loguniform":
+            return [float(low), float(math.sqrt(low * high)), float(high)]
+        return [float(low), (low + high) / 2.0, float(high)]
+
+    def describe(self) -> str:
+        if self.kind == "value":
+            return f"= {self.args!r}"
+        if self.kind in ("choice", "grid"):
+            return f"{self.kind} {list(self.args)!r}"
+        low, high = self.args
+        return f"{self.kind} [{low}, {high})"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_knob(path: str, spec: Any, source: str) -> Knob:
+    """One YAML entry → :class:`Knob`; errors name ``source`` and the knob."""
+    where = f"{source}: {path}"
+    if not isinstance(spec, dict):
+        return Knob(path, "value", spec)
+    if len(spec) != 1:
+        raise PmvisError(f"{where}: a distribution is a mapping with exactly one key "
+                         f"({', '.join(DISTRIBUTIONS)}), got {sorted(map(str, spec)) or 'an empty mapping'}")
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise PmvisError(f"{where}: unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})")
+    if kind == "value":
+        return Knob(path, kind, args)
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise PmvisError(f"{where}: {kind} needs a non-empty list of values, got {args!r}")
+        return Knob(path, kind, tuple(args))
+    if not isinstance(args, list) or len(args) != 2:
+        raise PmvisError(f"{where}: {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if kind == "randint":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            raise PmvisError(f"{where}: randint bounds must be integers, got {args!r}")
+    elif not all(_is_number(v) and math.isfinite(v) for v in (low, high)):
+        raise PmvisError(f"{where}: {kind} bounds must be finite numbers, got {args!r}")
+    if low >= high:
+        raise PmvisError(f"{where}: {kind} needs low < high, got [{low}, {high}]"
+                         + (" (randint's high is excluded: [1, 10] draws 1..9)" if kind == "randint" else ""))
+    if kind == "loguniform" and low <= 0:
+        raise PmvisError(f"{where}: loguniform needs 0 < low < high, got [{low}, {high}]")
+    return Knob(path, kind, (low, high))
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+@dataclass
+class SearchSpace:
+    """A parsed, checked search space: ``knobs`` in file order (included spaces first)."""
+
+    name: str
+    source: str
+    knobs: dict[str, Knob] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.knobs)
+
+    @property
+    def roots(self) -> list[str]:
+        """The knob roots this space touches, in first-use order."""
+        return list(dict.fromkeys(p.split(".", 1)[0] for p in self.knobs))
+
+    @property
+    def grid_size(self) -> int:
+        """Trials per Tune sample: the product of the grid knobs' lengths (1 without grids)."""
+        return math.prod(len(k.args) for k in self.knobs.values() if k.kind == "grid")
+
+    def to_tune(self) -> dict[str, Any]:
+        """The nested ``param_space`` for ``Tuner(param_space=...)`` (tune.uniform, tune.choice, ...)."""
+        nested: dict[str, Any] = {}
+        for path, knob in self.knobs.items():
+            node = nested
+            *parents, leaf = path.split(".")
+            for seg in parents:
+                node = node.setdefault(seg, {})
+            node[leaf] = knob.to_tune()
+        return nested
+
+    def sample(self, rng: Any = None) -> dict[str, Any]:
+        """One flat ``{knob path: value}`` draw (a grid knob draws one of its values).
+
+        ``rng``: a seed, ``random.Random`` or ``numpy.random.Generator``."""
+        r = _as_rng(rng)
+        return {path: knob.draw(r) for path, knob in self.knobs.items()}
+
+    def knobs_of(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """This space's flat ``{knob path: value}`` read back from a nested (Tune trial) config."""
+        out = {}
+        for path in self.knobs:
+            try:
+                out[path] = _flat_get(config, path)
+            except KeyError:
+                raise PmvisError(f"{self.source}: {path}: missing from the trial config") from None
+        return out
+
+    def validate(self, knobs: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, BaseModel]:
+        """Apply ``knobs`` to ``base`` (default: :func:`base_config` of the touched roots) and build
+        each touched root's model; a bad value raises PmvisError naming this space and the field."""
+        roots = list(dict.fromkeys(p.split(".", 1)[0] for p in knobs))
+        base = base if base is not None else base_config(roots)
+        return build_roots(apply_knobs(base, knobs), roots, source=self.source)
+
+    def describe(self) -> str:
+        width = max((len(p) for p in self.knobs), default=0)
+        lines = [f"search space {self.name} ({self.source}): {len(self.knobs)} knobs"]
+        lines += [f"  {p:<{width}}  {k.describe()}" for p, k in self.knobs.items()]
+        return "\n".join(lines)
+
+
+def list_spaces() -> list[str]:
+    """Names of the search spaces shipped in :mod:`pmvis.search_spaces`."""
+    return sorted(p.name[: -len(SPACE_SUFFIX)] for p in resources.files(PACKAGE).iterdir()
+                  if p.name.endswith(SPACE_SUFFIX) and not p.name.startswith("."))
+
+
+def _read_space_text(name_or_path: str | Path, relative_to: Path | None) -> tuple[str, str, str]:
+    """(name, source label, YAML text): a packaged name first, else a file path."""
+    text_name = str(name_or_path)
+    if isinstance(name_or_path, str) and "/" not in text_name and not text_name.endswith(SPACE_SUFFIX) \
+            and text_name in list_spaces():
+        res = resources.files(PACKAGE) / f"{text_name}{SPACE_SUFFIX}"
+        return text_name, str(res), res.read_text()
+    path = Path(name_or_path)
+    if not path.is_absolute() and relative_to is not None and not path.exists():
+        path = relative_to / path
+    if not path.is_file():
+        raise PmvisError(f"no search space {text_name!r}: not a packaged space "
+                         f"({', '.join(list_spaces())}) and not a file")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PmvisError(f"{path}: cannot read search space: {e.strerror}") from None
+    name = path.name[: -len(SPACE_SUFFIX)] if path.name.endswith(SPACE_SUFFIX) else path.name
+    return name, str(path), text
+
+
+def _load_knobs(name_or_path: str | Path, relative_to: Path | None, seen: tuple[str, ...]) -> tuple[str, str, dict[str, Knob]]:
+    name, source, text = _read_space_text(name_or_path, relative_to)
+    if source in seen:
+        raise PmvisError(f"{seen[-1]}: include cycle: {' -> '.join(seen + (source,))}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PmvisError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PmvisError(f"{source}: a search space is a mapping of knob paths to distributions, "
+                         f"got {type(data).__name__}")
+    here = Path(source).parent if Path(source).is_file() else None
+    knobs: dict[str, Knob] = {}
+    includes = data.get(INCLUDE_KEY, [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise PmvisError(f"{source}: {INCLUDE_KEY}: expected a list of space names or paths, got {includes!r}")
+    for inc in includes:
+        knobs.update(_load_knobs(inc, here, seen + (source,))[2])
+    for path, spec in data.items():
+        if path == INCLUDE_KEY:
+            continue
+        if not isinstance(path, str):
+            raise PmvisError(f"{source}: knob paths must be strings, got {path!r}")
+        try:
+            check_knob_path(path)
+        except PmvisError as e:
+            raise PmvisError(f"{source}: {e}") from None
+        knobs[path] = parse_knob(path, spec, source)
+    return name, source, knobs
+
+
+def _errors_of(model: type[BaseModel], values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    try:
+        model.model_validate(dict(values))
+    except ValidationError as e:
+        return list(e.errors())
+    return []
+
+
+def _format_errors(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc + ': ' if loc else ''}{e['msg']}")
+    return "; ".join(parts)
+
+
+def _check_values(space: SearchSpace) -> None:
+    """Every value a knob can take must be valid for its field; joint samples must validate."""
+    rng = random.Random(_CHECK_SEED)
+    defaults: dict[str, dict[str, Any] | None] = {}
+    for root in space.roots:
+        try:
+            defaults[root] = knob_root_model(root)().model_dump(mode="json")
+        except ValidationError:
+            defaults[root] = None  # the model has required fields: paths checked only
+    by_root: dict[str, list[Knob]] = {}
+    for knob in space.knobs.values():
+        by_root.setdefault(knob.path.split(".", 1)[0], []).append(knob)
+
+    for root, knobs in by_root.items():
+        if defaults[root] is None:
+            continue
+        model = knob_root_model(root)
+        prefix = len(root) + 1
+        for knob in knobs:
+            others = [k for k in knobs if k is not knob]
+            for value in knob.candidates():
+                applied = apply_knobs(defaults[root], {knob.path[prefix:]: value})
+                errors = _errors_of(model, applied)
+                if not errors:
+                    continue
+                field_errors = [e for e in errors if e["loc"]]
+                if field_errors or not others:
+                    raise PmvisError(f"{space.source}: {knob.path}: value {value!r} is invalid for "
+                                     f"{model.__name__}: {_format_errors(field_errors or errors)}")
+                # A model-level (cross-field) error with other knobs of this model in the space:
+                # valid if some draw of the others makes it valid.
+                for _ in range(_COUPLED_TRIES):
+                    draw = {k.path[prefix:]: k.draw(rng) for k in others}
+                    draw[knob.path[prefix:]] = value
+                    if not _errors_of(model, apply_knobs(defaults[root], draw)):
+                        break
+                else:
+                    raise PmvisError(f"{space.source}: {knob.path}: value {value!r} is invalid for "
+                                     f"{model.__name__} (also with {_COUPLED_TRIES} draws of "
+                                     f"{', '.join(k.path for k in others)}): {_format_errors(errors)}")
+        for _ in range(_JOINT_SAMPLES):
+            draw = {k.path[prefix:]: k.draw(rng) for k in knobs}
+            errors = _errors_of(model, apply_knobs(defaults[root], draw))
+            if errors:
+                shown = ", ".join(f"{root}.{p}={v!r}" for p, v in draw.items())
+                raise PmvisError(f"{space.source}: the knobs {', '.join(k.path for k in knobs)} can draw an "
+                                 f"invalid {model.__name__} together ({shown}): {_format_errors(errors)}")
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """A packaged space by name (see :func:`list_spaces`), else a YAML file; fully checked."""
+    name, source, knobs = _load_knobs(name_or_path, None, ())
+    space = SearchSpace(name=name, source=source, knobs=knobs)
+    _check_values(space)
+    return space

@@ -1,0 +1,275 @@
+"""cluster.yaml against Ray's own cluster-config validator, and a Ray job submitted to a local head.
+
+The job test starts its own Ray head in a subprocess (own temp dir, own ports, its own token) and
+never calls ``ray.init`` here, so it does not touch the session's ``ray_session``. It stops only
+the head it started (SIGTERM to that process, then its process group), never ``ray stop``, which
+would kill every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = REPO / "cluster.yaml"
+WORLD = ("0.0.0.0/0", "::/0")
+
+
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _prepared(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config
+
+    return prepare_config(copy.deepcopy(config))
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif node is not None:
+        yield str(node)
+
+
+def test_cluster_yaml_passes_rays_validator(cluster_config):
+    """What `ray up` runs before touching the cloud: merge with the provider defaults, then the
+    JSON schema and consistency checks (no cloud credentials needed)."""
+    from ray.autoscaler._private.util import validate_config
+
+    prepared = _prepared(cluster_config)
+    validate_config(prepared)
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+    assert prepared["provider"]["type"] == "aws" and prepared["provider"]["region"]
+
+
+def test_rays_validator_rejects_a_broken_copy(cluster_config):
+    """The validator really checks this file's shape (so the test above is not vacuous)."""
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+
+    bad = copy.deepcopy(cluster_config)
+    bad["available_node_types"]["gpu_worker"]["min_worker"] = 0  # typo of min_workers
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        validate_config(_prepared(bad))
+    bad = copy.deepcopy(cluster_config)
+    bad["available_node_types"]["gpu_worker"]["min_workers"] = bad["max_workers"] + 1
+    with pytest.raises(ValueError, match="max_workers"):
+        validate_config(_prepared(bad))
+
+
+def test_no_port_open_to_the_world(cluster_config):
+    # No rule anywhere in the file names the whole internet.
+    for s in _strings(cluster_config):
+        assert not any(w in s for w in WORLD), f"cluster.yaml opens something to the world: {s!r}"
+    provider = cluster_config["provider"]
+    for rule in provider.get("security_group", {}).get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + \
+            [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        assert not set(ranges) & set(WORLD)
+    # Every node type names its own security group: Ray then creates none (a group Ray creates
+    # always gets SSH from 0.0.0.0/0), and no node gets a public IP.
+    for name, node_type in cluster_config["available_node_types"].items():
+        assert node_type["node_config"].get("SecurityGroupIds"), f"{name} has no SecurityGroupIds"
+        assert node_type["node_config"].get("SubnetIds"), f"{name} has no (private) SubnetIds"
+    assert provider["use_internal_ips"] is True
+    # The dashboard (job API) listens on localhost only; reach it through an SSH tunnel.
+    head = " ".join(cluster_config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+
+
+def test_cluster_runs_mlflow_on_the_head_and_pmvis_from_uv(cluster_config):
+    c = cluster_config
+    head_start = " ".join(c["head_start_ray_commands"])
+    assert "mlflow server" in head_start and "--backend-store-uri sqlite:///" in head_start
+    assert "--default-artifact-root" in head_start and "--port 5000" in head_start
+    assert "ray start --head" in head_start and "RAY_AUTH_MODE=token" in head_start
+    worker_start = " ".join(c["worker_start_ray_commands"])
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker_start
+    assert "RAY_AUTH_MODE=token" in worker_start and "--address=$RAY_HEAD_IP:6379" in worker_start
+    assert any("uv sync --locked" in cmd for cmd in c["setup_commands"])
+    assert "." in c["file_mounts"].values()  # the repo is synced
+    assert any(".venv" in e for e in c["rsync_exclude"])
+    head_type = c["available_node_types"][c["head_node_type"]]
+    assert head_type["resources"].get("GPU", 0) == 0
+    gpu = [t for n, t in c["available_node_types"].items() if n != c["head_node_type"]]
+    assert gpu and all(t["min_workers"] == 0 and t["resources"]["GPU"] >= 1 for t in gpu)
+    assert sum(t["max_workers"] for t in gpu) <= c["max_workers"]
+
+
+# ----------------------------------------------------------------------------- job submission
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """SIGTERM the `ray start --block` we started (it shuts its node down), then SIGKILL what is
+    left of its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=30)
+
+
+# The job: synthetic data -> GrabCut pseudo masks on Ray Data (joining the cluster the job was
+# submitted to, with the uploaded working_dir) -> the quality report, logged to MLflow.
+# (`pmvis demo` cannot be the job: it always starts a fresh local Ray, which inherits the job's
+# runtime_env and fails to fetch the working_dir package that lives in the head's GCS.)
+REPORT_CONFIG = """\
+experiment: pmvis-job-test
+filter:
+  missing_sources: [grabcut]
+"""
+
+
+def _job_entrypoint(out: Path, report_config: Path) -> str:
+    py = shlex.quote(sys.executable)
+    data, pm, report = (shlex.quote(str(out / d)) for d in ("data", "pseudo_masks", "report"))
+    uri = shlex.quote(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    return " && ".join([
+        f"mkdir -p {shlex.quote(str(out / 'mlflow'))}",
+        f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"),
+        f"{py} -m pmvis synth --out {data} --videos 2 --frames 3 --size 64 80",
+        f"{py} -m pmvis pseudo-masks --data {data} --out {pm} --sources grabcut --address auto --no-progress",
+        f"{py} -m pmvis report --data {data} --raw {pm} --out {report} "
+        f"--config {shlex.quote(str(report_config))} --tracking-uri {uri}",
+    ])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray_exe = Path(sys.executable).with_name("ray")
+    if not ray_exe.exists():
+        pytest.skip(f"no ray executable beside {sys.executable}")
+    # Short temp dir: Ray's unix sockets live under it (path length limit ~107 bytes).
+    temp_dir = Path(tempfile.mkdtemp(prefix="pmray", dir="/tmp"))
+    token = secrets.token_hex(32)
+    token_file = temp_dir / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")}
+    # Token auth on explicitly, with this test's own token (not ~/.ray/auth_token): the head and
+    # every process it starts (the job driver included) read it from RAY_AUTH_TOKEN_PATH.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    (gcs, dash, client_port, agent_listen, agent_grpc, metrics, runtime_env, node_mgr,
+     obj_mgr) = _free_ports(9)
+    log_path = tmp_path / "ray_head.log"
+    cmd = [str(ray_exe), "start", "--head", "--block", "--disable-usage-stats",
+           "--temp-dir", str(temp_dir), "--num-cpus", "2", "--object-store-memory", str(300 * 1024**2),
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_listen),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_mgr),
+           "--object-manager-port", str(obj_mgr)]
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "job"
+    report_config = tmp_path / "report.yaml"
+    report_config.write_text(REPORT_CONFIG)
+    headers = {"Authorization": f"Bearer {token}"}
+    job_id = None
+    client = None
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                client = JobSubmissionClient(address, headers=headers)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the dashboard at {address} did not come up:\n{log_path.read_text()[-4000:]}")
+                time.sleep(2)
+
+        # Token auth is in force: the job API refuses a request without the token.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
+        assert refused.value.code in (401, 403)
+
+        job_id = client.submit_job(
+            entrypoint=_job_entrypoint(out, report_config),
+            runtime_env={
+                "working_dir": str(REPO),
+                "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info",
+                             "pmvis-demo", "pmvis-compare", "mlflow", "benchmarks/out"],
+            },
+        )
+        deadline = time.monotonic() + 600
+        status = client.get_job_status(job_id)
+        while not status.is_terminal():
+            if time.monotonic() > deadline:
+                pytest.fail(f"job {job_id} still {status} after 600 s:\n{client.get_job_logs(job_id)[-4000:]}")
+            time.sleep(5)
+            status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, f"job {job_id} {status}:\n{logs[-6000:]}"
+
+        # The job ran the uploaded copy of the repo and wrote every output.
+        where = [ln.split(" ", 1)[1] for ln in logs.splitlines() if ln.startswith("PMVIS_FROM ")]
+        assert where and not Path(where[0]).is_relative_to(REPO), where  # the uploaded copy, not REPO
+        for name in ("data/annotations.json", "pseudo_masks/manifest.json", "report/report.json"):
+            assert (out / name).exists(), f"{name} missing; job log:\n{logs[-3000:]}"
+        db = out / "mlflow" / "mlflow.db"
+        assert db.is_file()
+        from mlflow.tracking import MlflowClient
+
+        mlflow_client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+        runs = mlflow_client.search_runs(experiments)
+        assert runs and all(r.info.status == "FINISHED" for r in runs)
+        assert mlflow_client.get_experiment_by_name("pmvis-job-test") is not None
+    finally:
+        if client is not None and job_id is not None:
+            try:
+                if not client.get_job_status(job_id).is_terminal():
+                    client.stop_job(job_id)
+            except Exception:
+                pass
+        _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
