@@ -22,6 +22,9 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "fuse": "fuse",
     "filter": "filter",
+    "train": "train",
+    "predict": "predict",
+    "compare": "compare",
 }
 
 EXIT_BAD_INPUT = 2
