@@ -27,7 +27,8 @@ def test_top_level_help_lists_commands():
 
 @pytest.mark.slow
 def test_demo_tiny(ray_session, tmp_path, capsys):
-    """The whole demo on a tiny set: synth, baselines, pseudo masks on Ray Data, fuse/filter, report."""
+    """The whole demo on a tiny set: synth, baselines, box-only training, pseudo masks on Ray Data,
+    fuse/filter, PM-VIS and fully supervised training, comparison, report."""
     import mlflow
 
     out = tmp_path / "demo"
@@ -38,9 +39,14 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     ann = json.loads((out / "metrics_annotation_masks.json").read_text())
     assert ann["AP"] > box["AP"]  # the noisy annotation masks are closer to the truth than boxes
     report = json.loads((out / "report/report.json").read_text())
-    assert set(report["quality"]) >= {"grabcut", "hqsam", "track", "fused", "filled box"}
+    assert set(report["quality"]) >= {"grabcut", "hqsam", "track", "boxinst", "fused", "filled box"}
+    table = (out / "comparison.md").read_text()
+    for label in ("box-only", "PM-VIS", "fully supervised"):
+        assert label in table
     assert (out / "report/quality_by_source.png").stat().st_size > 0
     assert (out / "train_pseudo.json").exists() and (out / "train_clean.json").exists()
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow/mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["pmvis-pseudo-masks"])
     assert len(runs) == 1 and "metrics.grabcut.mean_iou" in runs.columns
+    train_runs = mlflow.search_runs(experiment_names=["pmvis-demo-train"])
+    assert len(train_runs) == 3
