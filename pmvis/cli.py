@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "predict": "predict",
     "compare": "compare",
+    "sweep": "sweep",
 }
 
 EXIT_BAD_INPUT = 2

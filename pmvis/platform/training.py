@@ -771,8 +771,12 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     return cfg, resume_meta
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train on Ray Train; the same ``run_name`` + ``storage_path`` resumes from the latest checkpoint."""
+def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
+    """Train on Ray Train; the same ``run_name`` + ``storage_path`` resumes from the latest checkpoint.
+
+    ``callbacks``: extra Ray Train ``UserCallback``s for the TorchTrainer's RunConfig, e.g.
+    ``ray.tune.integration.ray_train.TuneReportCallback()`` when a Tune trial drives the run
+    (`pmvis sweep`): every report of the workers then reaches Tune."""
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -801,7 +805,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                                          resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 callbacks=list(callbacks or [])),
         )
         try:
             result = trainer.fit()

@@ -1,0 +1,91 @@
+"""Sweep fusion / filter / loss knobs with Ray Tune: re-fuse from the cached raw masks, train, rank on held-out AP.
+
+Each trial applies its sampled knobs of the search space (a packaged name — see
+pmvis/search_spaces — or a YAML file; knob roots fuse.*, filter.*, loss.*) to the base configs,
+re-fuses (and, with filter.* knobs or --filter on, re-filters) the ground truth of --data from the
+raw pseudo-mask store OUT/raw into its own directory (the mask models are not run again), then
+trains a Ray Train TorchTrainer (TrainConfig: --preset, then --set KEY=VALUE; keys fuse.* and
+filter.* set the base FuseConfig / FilterConfig instead) and reports the held-out eval_AP at every
+checkpoint to Tune (ASHA stops weak trials early). Trials run as many at once as the cluster fits.
+
+Each trial is one MLflow run in experiment NAME (params: the sampled knobs; metrics: eval_AP and
+the losses); the trainer's own runs go to NAME-train. Everything lives in STORAGE/NAME; running
+the same --name again resumes the sweep (finished trials kept, unfinished and failed ones rerun and
+resume their training). At the end a table of the trials (best first) is printed and the best
+trial's TrainConfig is written to STORAGE/NAME/best_config.yaml (usable with
+`pmvis train --config`), its knobs and fuse/filter configs to best_trial.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", required=True, metavar="NAME|FILE", help="search space: packaged name or YAML file")
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
+    parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
+    parser.add_argument("--samples", type=int, default=10, metavar="N", help="trials to draw (× the grid size) (default 10)")
+    parser.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
+                        help="random draws; grid: every choice knob as a grid; optuna: TPE (needs optuna)")
+    parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                        help="asha: stop weak trials early on eval_AP; fifo: run every trial to the end")
+    parser.add_argument("--gpus-per-trial", type=int, default=0, metavar="G",
+                        help="GPUs per trial (one per Train worker); 0 = CPU (default)")
+    parser.add_argument("--name", default="pmvis-sweep", help="sweep name: STORAGE/NAME and the MLflow experiment; the same name resumes")
+    parser.add_argument("--storage", type=Path, default=Path("./pmvis-sweeps"), metavar="PATH",
+                        help="where sweeps live (default ./pmvis-sweeps)")
+    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default MLFLOW_TRACKING_URI or ./mlflow sqlite)")
+    parser.add_argument("--iterations", type=int, metavar="N", help="training iterations per trial")
+    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="TrainConfig base values")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig knob (or fuse.* / filter.* base knob); repeatable")
+    parser.add_argument("--filter", choices=("auto", "on", "off"), default="auto",
+                        help="filter the ground truth per trial (auto: when the space has filter.* knobs)")
+    parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what the cluster fits)")
+    parser.add_argument("--address", default="auto", metavar="auto|local|ADDR",
+                        help="Ray cluster: auto (RAY_ADDRESS / a running cluster / else local), local, or an address")
+
+
+def build_sweep_config(args: argparse.Namespace):
+    from pmvis.jobs.train import parse_overrides
+    from pmvis.platform.sweep import SweepConfig, split_overrides
+
+    train, fuse, filt = split_overrides(parse_overrides(args.overrides))
+    return SweepConfig(space=args.space, data_dir=str(args.data), raw=str(args.raw), name=args.name,
+                       storage_path=str(args.storage), samples=args.samples, search=args.search,
+                       scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial, iterations=args.iterations,
+                       preset=args.preset, train_overrides=train, fuse_overrides=fuse, filter_overrides=filt,
+                       filter=args.filter, tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent)
+
+
+def format_result(result) -> str:
+    from pmvis.platform.sweep import format_table
+
+    lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
+             + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",
+             format_table(result.rows)]
+    for r in result.rows:
+        if r.error:
+            lines.append(f"  trial {r.trial_id} failed: {r.error}")
+    if result.best is not None:
+        lines.append(f"best trial:  {result.best.trial_id} (eval_AP {result.best.ap:.3f})")
+        lines.append(f"best config: {result.best_config_path} (pmvis train --config ...)")
+        lines.append(f"best knobs:  {result.best_trial_path}")
+    else:
+        lines.append("best trial:  none (no trial reported eval_AP)")
+    lines.append(f"results:     {result.results_path}")
+    lines.append(f"MLflow:      experiment {result.experiment} ({result.tracking_uri})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pmvis.platform.cluster import connect
+    from pmvis.platform.sweep import run_sweep
+
+    cfg = build_sweep_config(args)
+    connect(args.address)
+    result = run_sweep(cfg)
+    print(format_result(result))
+    return 0 if result.best is not None else 1

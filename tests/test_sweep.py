@@ -1,0 +1,178 @@
+"""`pmvis sweep`: Ray Tune over fuse/filter/loss knobs, re-fusing from a cached raw store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pmvis.platform.errors import PmvisError
+from pmvis.platform.raw_masks import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.ytvis import decode_mask, encode_mask, load_ytvis
+
+
+def make_store(tmp_path):
+    """Synthetic data + a raw store: hqsam = truth (0.9), grabcut = the filled truth box (0.6)."""
+    import numpy as np
+
+    data = tmp_path / "data"
+    generate_synthetic(data, SynthConfig(videos=3, frames=3, height=48, width=64))
+    truth = load_ytvis(data / "truth.json")
+    raw = tmp_path / "pm"
+    for vid, anns in truth.annotations_by_video().items():
+        v = truth.videos[vid]
+        per_source: dict[str, list] = {"hqsam": [], "grabcut": []}
+        for a in anns:
+            tm = [None if s is None else decode_mask(s) for s in a.segmentations]
+            boxes = []
+            for t, m in enumerate(tm):
+                if m is None:
+                    boxes.append(None)
+                    continue
+                x, y, w, h = (int(b) for b in a.bboxes[t])
+                b = np.zeros((v.height, v.width), dtype=bool)
+                b[y:y + h, x:x + w] = True
+                boxes.append(b)
+            for source, masks, conf in (("hqsam", tm, 0.9), ("grabcut", boxes, 0.6)):
+                per_source[source].append(RawTrack(
+                    video_id=vid, annotation_id=a.id, source=source,
+                    segmentations=[None if m is None else encode_mask(m) for m in masks],
+                    confidences=[None if m is None else conf for m in masks]))
+        for source, tracks in per_source.items():
+            write_video_rows(raw / "raw", source, vid, rows_from_tracks(tracks, v.height, v.width))
+    return data, raw
+
+
+def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_dice_weight: {uniform: [1.0, 5.0]}\n",
+               name="space.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def sweep_config(tmp_path, data, raw, **kw):
+    from pmvis.platform.sweep import SweepConfig
+
+    values = dict(space=str(space_file(tmp_path)), data_dir=str(data), raw=str(raw), name="sw",
+                  storage_path=str(tmp_path / "sweeps"), samples=2, search="random", scheduler="fifo",
+                  iterations=4, preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                  train_overrides={"checkpoint_every": 2, "log_every": 2, "batch_size": 1,
+                                   "data": {"val_fraction": 0.34}})
+    values.update(kw)
+    return SweepConfig(**values)
+
+
+def test_trial_configs_apply_knobs(tmp_path):
+    from pmvis.platform.sweep import base_train_values, trial_configs
+
+    data, raw = make_store(tmp_path)
+    cfg = sweep_config(tmp_path, data, raw)
+    train = base_train_values(cfg)
+    assert train["eval_every"] == 2 and train["loss"]["mode"] == "pmvis" and train["iterations"] == 4
+    ctx = {"name": "sw", "train_values": train, "fuse_overrides": {"doob_margin": 2}, "filter_overrides": {},
+           "filter_on": True}
+    fuse, filt, tv = trial_configs({"fuse.mode": "vote", "fuse.source_weights.hqsam": 0.5,
+                                    "filter.ria_tau": 0.65, "loss.pseudo_dice_weight": 3.0}, ctx)
+    assert fuse.mode == "vote" and fuse.doob_margin == 2 and fuse.source_weights["hqsam"] == 0.5
+    assert fuse.source_weights["grabcut"] == 0.5  # the other weights kept
+    assert filt.ria_tau == 0.65 and filt.fuse.mode == "vote"  # the filter's fusion follows the trial's
+    assert tv["loss"]["pseudo_dice_weight"] == 3.0 and tv["loss"]["mode"] == "pmvis"
+
+
+def test_bad_inputs(tmp_path):
+    from pmvis.platform.sweep import base_train_values, build_search_alg, run_sweep
+    from pmvis.platform.search_spaces import load_space
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(PmvisError, match="optuna"):
+            build_search_alg(load_space(space_file(tmp_path)), "optuna", None)
+    data, raw = make_store(tmp_path)
+    with pytest.raises(PmvisError, match="held-out"):
+        base_train_values(sweep_config(tmp_path, data, raw, train_overrides={"data": {"val_fraction": 0.0}}))
+    with pytest.raises(PmvisError, match="unknown knob"):
+        run_sweep(sweep_config(tmp_path, data, raw, space=str(space_file(tmp_path, "fuse.nope: 1\n", "bad.yaml"))))
+
+
+def _runs(tmp_path, experiment):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+@pytest.mark.slow
+def test_sweep_two_trials_mlflow_best_config(tmp_path, ray_session, capsys):
+    from pmvis.cli import main
+    from pmvis.platform.config import load_config
+    from pmvis.platform.training import TrainConfig, preflight
+
+    data, raw = make_store(tmp_path)
+    space = space_file(tmp_path)
+    argv = ["sweep", "--space", str(space), "--data", str(data), "--raw", str(raw), "--samples", "2",
+            "--search", "random", "--scheduler", "fifo", "--name", "sw", "--storage", str(tmp_path / "sweeps"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--iterations", "4", "--preset", "tiny",
+            "--set", "checkpoint_every=2", "--set", "log_every=2", "--set", "batch_size=1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "eval_AP" in out and "fuse.mode" in out and "best config" in out
+
+    runs = _runs(tmp_path, "sw")
+    assert len(runs) == 2
+    for _, r in runs.iterrows():
+        assert r["params.fuse.mode"] in ("select", "vote")
+        assert 1.0 <= float(r["params.loss.pseudo_dice_weight"]) < 5.0
+        assert r["metrics.eval_AP"] == r["metrics.eval_AP"]  # logged, not NaN
+    assert len(_runs(tmp_path, "sw-train")) == 2  # the trainers' own runs
+
+    sweep_dir = tmp_path / "sweeps" / "sw"
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert len(results["trials"]) == 2 and all(t["status"] == "done" for t in results["trials"])
+    best = yaml.safe_load((sweep_dir / "best_trial.yaml").read_text())
+    cfg = load_config(TrainConfig, sweep_dir / "best_config.yaml")
+    assert cfg.data.pseudo_annotations == str(sweep_dir / "pmvis_trials" / best["trial_id"] / "pseudo.json")
+    assert cfg.loss.mode == "pmvis" and cfg.loss.pseudo_dice_weight == best["knobs"]["loss.pseudo_dice_weight"]
+    assert best["fuse_config"]["mode"] == best["knobs"]["fuse.mode"]
+
+    # The best config passes `pmvis train`'s checks before Ray (data, pseudo file, split, inference
+    # knobs); training it is what `pmvis train` does with any config (tested in test_training.py).
+    checked, resume = preflight(cfg)
+    assert resume is None and checked.run_name  # a fresh run, not the trial's own
+
+
+@pytest.mark.slow
+def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
+    """Interruption: the trial's training raises at iteration 2 once (debug fault injection, no Train
+    retries), so the first run ends with an errored trial; the same name again restores the sweep
+    (resume_errored) and the trial's training resumes from its checkpoint at iteration 2."""
+    from pmvis.platform.sweep import run_sweep
+
+    data, raw = make_store(tmp_path)
+    marker = tmp_path / "failed-once"
+    overrides = {"checkpoint_every": 2, "log_every": 2, "batch_size": 1, "max_failures": 0,
+                 "debug": {"fail_at_iteration": 3, "fail_mode": "raise", "fail_marker": str(marker)}}
+    cfg = sweep_config(tmp_path, data, raw, samples=1, scheduler="asha", train_overrides=overrides,
+                       space=str(space_file(tmp_path, "fuse.mode: {choice: [select, vote]}\n", "one.yaml")))
+    first = run_sweep(cfg)
+    assert not first.restored and marker.exists()
+    assert [r.status for r in first.rows] == ["error"] and first.best is None
+    trial_id = first.rows[0].trial_id
+
+    second = run_sweep(cfg)
+    assert second.restored
+    assert [r.trial_id for r in second.rows] == [trial_id] and second.rows[0].status == "done"
+    assert second.rows[0].ap is not None and second.rows[0].iteration == 4
+    assert second.best_config_path is not None
+    # The training resumed from its checkpoint (same Train run), not from scratch.
+    from pmvis.platform.training import read_checkpoint_meta, latest_checkpoint
+
+    run_dir = tmp_path / "sweeps" / "sw" / "pmvis_trials" / trial_id / "train"
+    assert read_checkpoint_meta(latest_checkpoint(run_dir))["iteration"] == 4
+    runs = _runs(tmp_path, "sw-train")
+    assert len(runs) == 1 and runs.iloc[0]["tags.pmvis.resumed_at"] == "2"  # the trainer's run continues
+    # Ray's MLflowLoggerCallback keeps no trial -> run map across a restore: the resumed trial gets a
+    # new MLflow run in the sweep's experiment; the interrupted attempt's run stays, marked FAILED.
+    assert sorted(_runs(tmp_path, "sw")["status"]) == ["FAILED", "FINISHED"]
