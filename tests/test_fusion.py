@@ -371,7 +371,9 @@ def test_fuse_cli_end_to_end(tmp_path, capsys):
 def test_fuse_cli_config_file_and_annotations_flag(tmp_path, capsys):
     data, pm = make_store(tmp_path)
     conf = tmp_path / "fuse.yaml"
-    conf.write_text("mode: vote\nsources: [track, grabcut]\nvote_threshold: 0.6\n")
+    # track's confidence here (0.85) must pass SCM: its default threshold (0.9) is set lower.
+    conf.write_text("mode: vote\nsources: [track, grabcut]\nvote_threshold: 0.6\n"
+                    "scm_thresholds: {hqsam: 0.5, track: 0.5, grabcut: 0.0}\n")
     out = tmp_path / "o" / "train.json"
     rc = main(["fuse", "--data", str(data), "--raw", str(pm / "raw"), "--out", str(out),
                "--config", str(conf), "--annotations", "truth.json"])
