@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
     from pmvis.platform.config import build_config
     from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
-    from pmvis.platform.io import write_json_atomic
+    from pmvis.platform.io import write_json_atomic, write_text_atomic
     from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
     from pmvis.platform.raw_masks import read_raw
     from pmvis.platform.report import ReportConfig, build_report, format_report
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     rows = {"box-only (IDOL-BoxInst)": box_only, "PM-VIS (pseudo masks)": pmvis_run,
             "fully supervised (GT masks)": full_run}
     table = _comparison_table(rows)
-    (out / "comparison.md").write_text(table + "\n")
+    write_text_atomic(out / "comparison.md", table + "\n")
     print(table)
 
     print("[7/7] pseudo-mask quality report")

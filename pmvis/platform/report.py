@@ -19,7 +19,7 @@ from pmvis.models.filters import FilterConfig
 from pmvis.platform.config import StrictConfig, dump_config
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.io import atomic_path, write_json_atomic
+from pmvis.platform.io import atomic_path, write_json_atomic, write_text_atomic
 from pmvis.platform.raw_masks import RAW_DIRNAME, RawTrack, read_raw
 from pmvis.platform.ytvis import Annotation, YTVISDataset, box_mask_rle, decode_mask, load_dataset_dir, load_ytvis
 
@@ -223,7 +223,7 @@ def build_report(
     result["plots"] = plots
     write_json_atomic(out_dir / "report.json", result, indent=2)
     write_json_atomic(out_dir / "filter_findings.json", filter_report, indent=2)
-    (out_dir / "report_config.yaml").write_text(dump_config(config))
+    write_text_atomic(out_dir / "report_config.yaml", dump_config(config))
 
     metrics: dict[str, float] = {}
     for name, q in result.get("quality", {}).items():
