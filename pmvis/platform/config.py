@@ -39,6 +39,19 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
         raise PmvisError(_format_validation_error(source, e)) from None
 
 
+def parse_yaml_mapping(text: str, source: str, what: str = "a mapping of config keys") -> dict[str, Any]:
+    """YAML text that must hold a mapping (empty → {}); errors name ``source``."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PmvisError(f"{source}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise PmvisError(f"{source}: expected {what}, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     cls: type[C],
     path: str | os.PathLike | None = None,
@@ -53,15 +66,7 @@ def load_config(
             text = Path(path).read_text()
         except OSError as e:
             raise PmvisError(f"{path}: cannot read config: {e.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise PmvisError(f"{path}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise PmvisError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(parse_yaml_mapping(text, str(path)))
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value

@@ -45,9 +45,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from pmvis.platform.config import parse_yaml_mapping
 from pmvis.platform.errors import PmvisError
 
 # Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
@@ -407,15 +407,7 @@ def _load_knobs(name_or_path: str | Path, relative_to: Path | None, seen: tuple[
     name, source, text = _read_space_text(name_or_path, relative_to)
     if source in seen:
         raise PmvisError(f"{seen[-1]}: include cycle: {' -> '.join(seen + (source,))}")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PmvisError(f"{source}: not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PmvisError(f"{source}: a search space is a mapping of knob paths to distributions, "
-                         f"got {type(data).__name__}")
+    data = parse_yaml_mapping(text, source, "a search space: a mapping of knob paths to distributions")
     here = Path(source).parent if Path(source).is_file() else None
     knobs: dict[str, Knob] = {}
     includes = data.get(INCLUDE_KEY, [])
