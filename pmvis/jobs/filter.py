@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pmvis.jobs.fuse import check_output, config_path_for
     from pmvis.models.filters import REPORT_KINDS, FilterConfig, filter_annotations
-    from pmvis.models.fusion import read_store, resolve_raw_dir
+    from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
     from pmvis.platform.config import dump_config, load_config
     from pmvis.platform.errors import PmvisError
     from pmvis.platform.io import write_json_atomic, write_text_atomic
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         sources = None if config.fuse.sources is None else list(config.fuse.sources)
     if config.missing and sources is not None:
         sources += config.missing_sources
-    tracks = read_store(raw_dir, sources or None)
+    tracks = read_raw(raw_dir, sources=sources or None)
     clean, report = filter_annotations(dataset, tracks, config)
     save_ytvis(clean, args.out)
     write_json_atomic(report_path, report, indent=1)

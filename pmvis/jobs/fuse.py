@@ -38,7 +38,8 @@ def check_output(out: Path, dataset_path: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.models.fusion import FuseConfig, fuse_with_stats, read_store, resolve_raw_dir
+    from pmvis.models.fusion import FuseConfig, fuse_with_stats
+    from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
     from pmvis.platform.config import dump_config, load_config
     from pmvis.platform.io import write_text_atomic
     from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset_dir(args.data, args.annotations)
     check_output(args.out, dataset.path)
     raw_dir = resolve_raw_dir(args.raw)
-    tracks = read_store(raw_dir, config.sources)
+    tracks = read_raw(raw_dir, sources=config.sources)
     fused, s = fuse_with_stats(dataset, tracks, config)
     save_ytvis(fused, args.out)
     config_file = config_path_for(args.out)

@@ -36,10 +36,8 @@ enough to re-run for every sweep trial.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +46,7 @@ from pydantic import Field, field_validator
 
 from pmvis.platform.config import StrictConfig
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.raw_masks import RAW_DIRNAME, RawTrack, read_raw, tracks_by_annotation
+from pmvis.platform.raw_masks import RawTrack, tracks_by_annotation
 from pmvis.platform.ytvis import Annotation, Rle, YTVISDataset, rle_areas, to_coco_rles
 
 Box = Sequence[float]  # [x, y, w, h] in pixels
@@ -221,35 +219,6 @@ def fuse_frame(
 
 
 # ----------------------------------------------------------------------------- the raw store
-
-
-def resolve_raw_dir(out_dir: str | os.PathLike) -> Path:
-    """``OUT/raw`` of a `pmvis pseudo-masks` output dir (``OUT`` itself if it is the store)."""
-    out_dir = Path(out_dir)
-    if (out_dir / RAW_DIRNAME).is_dir():
-        return out_dir / RAW_DIRNAME
-    if out_dir.is_dir() and any(out_dir.glob("source=*")):
-        return out_dir
-    raise PmvisError(f"{out_dir}: no raw pseudo-mask store ({out_dir / RAW_DIRNAME} not found; "
-                     f"run `pmvis pseudo-masks` first)")
-
-
-def store_sources(raw_dir: str | os.PathLike) -> list[str]:
-    """The sources that have at least one stored video."""
-    return sorted(p.name.split("=", 1)[1] for p in Path(raw_dir).glob("source=*")
-                  if p.is_dir() and any(p.glob("video_*.parquet")))
-
-
-def read_store(raw_dir: str | os.PathLike, sources: Iterable[str] | None) -> list[RawTrack]:
-    """The stored tracks of ``sources`` (None: all); a source absent from the store is an error."""
-    if sources is not None:
-        sources = list(dict.fromkeys(sources))
-        available = store_sources(raw_dir)
-        absent = [s for s in sources if s not in available]
-        if absent:
-            raise PmvisError(f"{raw_dir}: source(s) {absent} not in the raw pseudo-mask store "
-                             f"(it has {available or 'no sources'})")
-    return read_raw(raw_dir, sources=sources)
 
 
 TrackIndex = dict[int, dict[str, RawTrack]]

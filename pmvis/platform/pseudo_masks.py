@@ -39,6 +39,7 @@ from pmvis.platform.raw_masks import (
     done_videos,
     read_raw,
     rows_from_tracks,
+    stored_sources,
     write_video_rows,
 )
 from pmvis.platform.ytvis import encode_mask, load_dataset_dir
@@ -275,7 +276,7 @@ def generate_pseudo_masks(
     raw_dir = out_dir / RAW_DIRNAME
     raw_dir.mkdir(parents=True, exist_ok=True)
     all_videos = sorted(dataset.videos)
-    available = {p.name.split("=", 1)[1] for p in raw_dir.glob("source=*")}
+    available = set(stored_sources(raw_dir))
     summary = RunSummary()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress

@@ -83,11 +83,35 @@ def write_video_rows(raw_dir: str | os.PathLike, source: str, video_id: int, row
     return path
 
 
+def resolve_raw_dir(out_dir: str | os.PathLike) -> Path:
+    """``OUT/raw`` of a `pmvis pseudo-masks` output dir (``OUT`` itself if it is the store)."""
+    out_dir = Path(out_dir)
+    if (out_dir / RAW_DIRNAME).is_dir():
+        return out_dir / RAW_DIRNAME
+    if out_dir.is_dir() and any(out_dir.glob("source=*")):
+        return out_dir
+    raise PmvisError(f"{out_dir}: no raw pseudo-mask store ({out_dir / RAW_DIRNAME} not found; "
+                     f"run `pmvis pseudo-masks` first)")
+
+
+def stored_sources(raw_dir: str | os.PathLike) -> list[str]:
+    """The sources that have at least one stored video."""
+    return sorted(p.name.split("=", 1)[1] for p in Path(raw_dir).glob("source=*")
+                  if p.is_dir() and any(p.glob("video_*.parquet")))
+
+
 def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None) -> list[RawTrack]:
-    """Every stored track (optionally only some sources); an empty or missing store is an error."""
+    """Every stored track (optionally only some sources); an empty or missing store, or a requested
+    source absent from it, is an error."""
     raw_dir = Path(raw_dir)
     files = sorted(raw_dir.glob("source=*/video_*.parquet"))
     if sources is not None:
+        sources = list(dict.fromkeys(sources))
+        available = stored_sources(raw_dir)
+        absent = [s for s in sources if s not in available]
+        if absent:
+            raise PmvisError(f"{raw_dir}: source(s) {absent} not in the raw pseudo-mask store "
+                             f"(it has {available or 'no sources'})")
         wanted = {f"source={s}" for s in sources}
         files = [f for f in files if f.parent.name in wanted]
     if not files:

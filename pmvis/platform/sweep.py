@@ -199,7 +199,8 @@ def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any
 def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mapping[str, Any]) -> tuple[str, str]:
     """Re-fuse (and re-filter) from the raw store into ``trial_dir``; (annotations, pseudo) paths."""
     from pmvis.models.filters import filter_annotations
-    from pmvis.models.fusion import fuse_annotations, read_store
+    from pmvis.models.fusion import fuse_annotations
+    from pmvis.platform.raw_masks import read_raw
     from pmvis.platform.io import write_json_atomic
     from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
 
@@ -210,7 +211,7 @@ def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mappin
         sources = None if filt.fuse.sources is None else sources + list(filt.fuse.sources)
         if sources is not None and filt.missing:
             sources += list(filt.missing_sources)
-    tracks = read_store(ctx["raw_dir"], sources)
+    tracks = read_raw(ctx["raw_dir"], sources=sources)
     annotations_path = str(dataset.path)
     if filt is not None:
         dataset, report = filter_annotations(dataset, tracks, filt)
@@ -340,7 +341,7 @@ def max_concurrent_trials(train_values: Mapping[str, Any], gpus_per_trial: int) 
 
 
 def _resolve_raw(raw: str) -> str:
-    from pmvis.models.fusion import resolve_raw_dir
+    from pmvis.platform.raw_masks import resolve_raw_dir
 
     return str(Path(resolve_raw_dir(raw)).resolve())
 
