@@ -28,7 +28,8 @@ def test_top_level_help_lists_commands():
 @pytest.mark.slow
 def test_demo_tiny(ray_session, tmp_path, capsys):
     """The whole demo on a tiny set: synth, baselines, box-only training, pseudo masks on Ray Data,
-    fuse/filter, PM-VIS and fully supervised training, comparison, report."""
+    fuse/filter, PM-VIS and fully supervised training, comparison, a 4-trial sweep + compare,
+    report, summary."""
     import mlflow
 
     out = tmp_path / "demo"
@@ -50,3 +51,18 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     assert len(runs) == 1 and "metrics.grabcut.mean_iou" in runs.columns
     train_runs = mlflow.search_runs(experiment_names=["pmvis-demo-train"])
     assert len(train_runs) == 3
+    # The closing sweep: 4 trials of the demo space, one MLflow run each (knobs as params, eval_AP),
+    # compared (CSV + PNG), the best config written, and everything named in the summary.
+    sweep_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep"])
+    assert len(sweep_runs) == 4 and "metrics.eval_AP" in sweep_runs.columns
+    assert {"params.fuse.mode", "params.filter.ria_tau", "params.loss.tk_k"} <= set(sweep_runs.columns)
+    results = json.loads((out / "sweeps/pmvis-demo-sweep/results.json").read_text())
+    assert len(results["trials"]) == 4 and results["space"].endswith("demo.yaml")
+    assert (out / "sweeps/pmvis-demo-sweep/best_config.yaml").is_file()
+    with open(out / "compare/compare.csv") as f:
+        assert len(f.read().strip().splitlines()) == 5  # header + 4 runs
+    assert (out / "compare/compare.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    for needle in ("| PM-VIS (pseudo masks) |", "eval_AP", "compare.png", "quality_by_source.png",
+                   "mlflow ui --backend-store-uri sqlite:///", "best config:"):
+        assert needle in summary and needle in text, needle

@@ -151,28 +151,17 @@ def _stop_head(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-# The job: synthetic data -> GrabCut pseudo masks on Ray Data (joining the cluster the job was
-# submitted to, with the uploaded working_dir) -> the quality report, logged to MLflow.
-# (`pmvis demo` cannot be the job: it always starts a fresh local Ray, which inherits the job's
-# runtime_env and fails to fetch the working_dir package that lives in the head's GCS.)
-REPORT_CONFIG = """\
-experiment: pmvis-job-test
-filter:
-  missing_sources: [grabcut]
-"""
+# The job: `pmvis demo --tiny` — synth, box-only training, pseudo masks, fuse/filter, PM-VIS and
+# fully supervised training, a 2-trial sweep + compare, report — joining the cluster the job was
+# submitted to (RAY_ADDRESS is set for a job driver), from the uploaded working_dir.
+JOB_SWEEP_TRIALS = 2
 
 
-def _job_entrypoint(out: Path, report_config: Path) -> str:
+def _job_entrypoint(out: Path) -> str:
     py = shlex.quote(sys.executable)
-    data, pm, report = (shlex.quote(str(out / d)) for d in ("data", "pseudo_masks", "report"))
-    uri = shlex.quote(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
     return " && ".join([
-        f"mkdir -p {shlex.quote(str(out / 'mlflow'))}",
         f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"),
-        f"{py} -m pmvis synth --out {data} --videos 2 --frames 3 --size 64 80",
-        f"{py} -m pmvis pseudo-masks --data {data} --out {pm} --sources grabcut --address auto --no-progress",
-        f"{py} -m pmvis report --data {data} --raw {pm} --out {report} "
-        f"--config {shlex.quote(str(report_config))} --tracking-uri {uri}",
+        f"{py} -m pmvis demo --tiny --sweep-trials {JOB_SWEEP_TRIALS} --out {shlex.quote(str(out))}",
     ])
 
 
@@ -207,8 +196,6 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
            "--object-manager-port", str(obj_mgr)]
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "job"
-    report_config = tmp_path / "report.yaml"
-    report_config.write_text(REPORT_CONFIG)
     headers = {"Authorization": f"Bearer {token}"}
     job_id = None
     client = None
@@ -233,7 +220,7 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert refused.value.code in (401, 403)
 
         job_id = client.submit_job(
-            entrypoint=_job_entrypoint(out, report_config),
+            entrypoint=_job_entrypoint(out),
             runtime_env={
                 "working_dir": str(REPO),
                 "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info",
@@ -253,17 +240,26 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         # The job ran the uploaded copy of the repo and wrote every output.
         where = [ln.split(" ", 1)[1] for ln in logs.splitlines() if ln.startswith("PMVIS_FROM ")]
         assert where and not Path(where[0]).is_relative_to(REPO), where  # the uploaded copy, not REPO
-        for name in ("data/annotations.json", "pseudo_masks/manifest.json", "report/report.json"):
+        print(f"job {job_id} {status}; last lines of its log:\n" + "\n".join(logs.splitlines()[-25:]))
+        for name in ("data/annotations.json", "pseudo_masks/manifest.json", "report/report.json",
+                     "comparison.md", "compare/compare.csv", "compare/compare.png", "summary.md",
+                     "sweeps/pmvis-demo-sweep/best_config.yaml"):
             assert (out / name).exists(), f"{name} missing; job log:\n{logs[-3000:]}"
+        assert "# pmvis demo summary" in logs and "mlflow ui --backend-store-uri" in logs
+        # The job's driver used the head it was submitted to, not a Ray of its own.
+        assert "Started a local Ray instance" not in logs, logs[-3000:]
         db = out / "mlflow" / "mlflow.db"
         assert db.is_file()
         from mlflow.tracking import MlflowClient
 
         mlflow_client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-        experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
-        runs = mlflow_client.search_runs(experiments)
-        assert runs and all(r.info.status == "FINISHED" for r in runs)
-        assert mlflow_client.get_experiment_by_name("pmvis-job-test") is not None
+        experiments = {e.name: e.experiment_id for e in mlflow_client.search_experiments()}
+        assert {"pmvis-demo-train", "pmvis-demo-sweep", "pmvis-pseudo-masks"} <= set(experiments), experiments
+        runs = mlflow_client.search_runs(list(experiments.values()))
+        assert runs and all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+        assert len(mlflow_client.search_runs([experiments["pmvis-demo-train"]])) == 3
+        sweep_runs = mlflow_client.search_runs([experiments["pmvis-demo-sweep"]])
+        assert len(sweep_runs) == JOB_SWEEP_TRIALS and all("eval_AP" in r.data.metrics for r in sweep_runs)
     finally:
         if client is not None and job_id is not None:
             try:

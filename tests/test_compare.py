@@ -91,3 +91,17 @@ def test_missing_store_is_an_error_and_not_created(tmp_path):
     with pytest.raises(PmvisError, match="no MLflow store"):
         compare_runs(EXPERIMENT, tracking_uri=f"sqlite:///{db}")
     assert not db.exists()
+
+
+def test_metric_ap_finds_held_out_eval_ap(tmp_path):
+    """Training and sweep runs log the held-out AP as eval_AP: the default --metric AP ranks them."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for name, ap in (("t1", 1.5), ("t2", 4.0)):
+        with mlflow_run("sw", run_name=name, tracking_uri=uri, params={"fuse.mode": name}):
+            mlflow.log_metrics({"eval_AP": ap, "loss": 1.0})
+    c = compare_runs("sw", tracking_uri=uri)
+    assert c.metric == "eval_AP" and list(c.table["run_name"]) == ["t2", "t1"]
+    with pytest.raises(PmvisError, match="has metric 'AP75'"):
+        compare_runs("sw", metric="AP75", tracking_uri=uri)

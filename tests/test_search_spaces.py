@@ -25,7 +25,7 @@ from pmvis.platform.search_spaces import (
     load_space,
 )
 
-SHIPPED = ("mask_sources", "filters", "tk_loss", "pmvis")
+SHIPPED = ("mask_sources", "filters", "tk_loss", "pmvis", "demo")
 MODELS = {"fuse": FuseConfig, "filter": FilterConfig, "loss": LossConfig}
 
 

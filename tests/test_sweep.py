@@ -85,16 +85,50 @@ def test_bad_inputs(tmp_path):
     from pmvis.platform.sweep import base_train_values, build_search_alg, run_sweep
     from pmvis.platform.search_spaces import load_space
 
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        with pytest.raises(PmvisError, match="optuna"):
-            build_search_alg(load_space(space_file(tmp_path)), "optuna", None)
+    grid = load_space(space_file(tmp_path, "fuse.mode: {grid: [select, vote]}\n", "grid.yaml"))
+    with pytest.raises(PmvisError, match="optuna cannot search grid knobs"):
+        build_search_alg(grid, "optuna", None, 1)
+    with pytest.raises(PmvisError, match="unknown search"):
+        build_search_alg(grid, "bayes", None, 1)
     data, raw = make_store(tmp_path)
     with pytest.raises(PmvisError, match="held-out"):
         base_train_values(sweep_config(tmp_path, data, raw, train_overrides={"data": {"val_fraction": 0.0}}))
     with pytest.raises(PmvisError, match="unknown knob"):
         run_sweep(sweep_config(tmp_path, data, raw, space=str(space_file(tmp_path, "fuse.nope: 1\n", "bad.yaml"))))
+
+
+def test_search_algorithms_draw_valid_seeded_configs(tmp_path):
+    """random draws repeat under a seed; optuna (TPE, in the lock) suggests from the whole shipped
+    space and learns from a completed trial; both cap the trials running at once."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from pmvis.platform.search_spaces import load_space
+    from pmvis.platform.sweep import build_search_alg, param_space
+
+    from ray import tune
+
+    tune.register_trainable("pmvis_test_noop", lambda config: None)
+    space = load_space("pmvis")
+    draws = []
+    for _ in range(2):
+        alg = build_search_alg(space, "random", 7, 2)
+        alg.add_configurations({"trainable": {"run": "pmvis_test_noop", "config": param_space(space, "random"),
+                                              "num_samples": 3}})
+        draws.append([alg.next_trial().config for _ in range(2)])
+        assert alg.next_trial() is None  # a third trial waits: 2 run at once
+    assert draws[0] == draws[1] and draws[0][0] != draws[0][1]
+    optuna = build_search_alg(space, "optuna", 0, 2)
+    assert isinstance(optuna, ConcurrencyLimiter) and optuna.max_concurrent == 2
+    assert optuna.set_search_properties("eval_AP", "max", param_space(space, "optuna"))
+    searched = {p for p, k in space.knobs.items() if k.kind != "value"}  # Tune merges the fixed ones
+    first = optuna.suggest("t1")
+    assert set(first) == searched
+    fixed = {p: k.args for p, k in space.knobs.items() if k.kind == "value"}
+    space.validate({**fixed, **first})  # builds FuseConfig / FilterConfig / LossConfig from the draw
+    for draw in draws[0]:
+        space.validate({p: draw[p] for p in space.knobs})  # the Tune config is flat
+    optuna.on_trial_complete("t1", {"eval_AP": 3.0, "training_iteration": 1})
+    assert set(optuna.suggest("t2")) == searched
 
 
 def _runs(tmp_path, experiment):
@@ -173,6 +207,9 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
     assert read_checkpoint_meta(latest_checkpoint(run_dir))["iteration"] == 4
     runs = _runs(tmp_path, "sw-train")
     assert len(runs) == 1 and runs.iloc[0]["tags.pmvis.resumed_at"] == "2"  # the trainer's run continues
-    # Ray's MLflowLoggerCallback keeps no trial -> run map across a restore: the resumed trial gets a
-    # new MLflow run in the sweep's experiment; the interrupted attempt's run stays, marked FAILED.
-    assert sorted(_runs(tmp_path, "sw")["status"]) == ["FAILED", "FINISHED"]
+    # The resumed trial logs into its first MLflow run of the sweep's experiment (one run per trial),
+    # which ends FINISHED with the knobs as params and the final eval_AP.
+    sweep_runs = _runs(tmp_path, "sw")
+    assert list(sweep_runs["status"]) == ["FINISHED"], sweep_runs[["run_id", "status"]]
+    assert sweep_runs.iloc[0]["params.fuse.mode"] in ("select", "vote")
+    assert sweep_runs.iloc[0]["metrics.eval_AP"] == pytest.approx(second.rows[0].ap)

@@ -8,7 +8,11 @@
 5. DOOB/SCM/SHQM fusion into training annotations and the RIA / Missing-Data filters;
 6. PM-VIS (box-only losses + fused pseudo masks) and fully supervised models trained with the same
    budget, all three evaluated on the same held-out videos against the true masks;
-7. a quality report (plots, filter precision/recall); everything logged to MLflow under OUT/mlflow.
+7. a 4-trial Ray Tune sweep (space ``demo``: fusion mode, GrabCut weight, RIA tau, TK-Loss K) that
+   re-fuses/re-filters the cached raw masks per trial, ranked on held-out AP, then `pmvis compare`
+   of its MLflow runs (table + plot);
+8. a quality report (plots, filter precision/recall); everything logged to MLflow under OUT/mlflow,
+   and a closing summary: the AP table, where the plots are, the `mlflow ui` command.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from pmvis.platform.errors import PmvisError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam2-checkpoint", help="a real sam2.1_hiera_tiny.pt (else random weights)")
     parser.add_argument("--iterations", type=int, default=None,
                         help=f"training iterations per model (default {DEMO_ITERATIONS}; --tiny {TINY_ITERATIONS})")
+    parser.add_argument("--sweep-trials", type=int, default=DEMO_SWEEP_TRIALS, metavar="N",
+                        help=f"trials of the closing sweep (default {DEMO_SWEEP_TRIALS}; 0 skips it)")
     parser.add_argument("--tiny", action="store_true", help="a very small dataset and short training, for tests")
 
 
@@ -44,10 +52,22 @@ RANDOM_SAM2_OVERRIDES = ("++model.image_size=256",)
 # Training budget per model (the same for box-only, PM-VIS and fully supervised).
 DEMO_ITERATIONS = 300
 TINY_ITERATIONS = 6
+# CPUs the demo's one-at-a-time steps spread over (mask-model actors, torch threads of a worker).
+DEMO_MAX_CPUS = 8
+# The closing sweep: its space, trials and per-trial budget (a fraction of a full training, so the
+# whole demo stays within ~10 minutes on 2 cores; ASHA stops the weaker half at the first report).
+DEMO_SWEEP_SPACE = "demo"
+DEMO_SWEEP_TRIALS = 4
+DEMO_SWEEP_ITERATIONS = 100
+TINY_SWEEP_ITERATIONS = 4
+SWEEP_NAME = "pmvis-demo-sweep"
+TRAIN_EXPERIMENT = "pmvis-demo-train"
 
 
 def run(args: argparse.Namespace) -> int:
     import shutil
+
+    import ray
 
     from pmvis.models.box_baseline import annotations_as_results, filled_box_results
     from pmvis.models.filters import FilterConfig, filter_annotations
@@ -65,21 +85,23 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.ytvis import load_ytvis, save_results, save_ytvis
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
 
-    start = time.perf_counter()
+    if args.sweep_trials < 0:
+        raise PmvisError(f"--sweep-trials must be ≥ 0, got {args.sweep_trials}")
+    steps = _Steps(total=8 if args.sweep_trials else 7)
     out: Path = args.out.resolve()
     values = dict(TINY_SYNTH if args.tiny else DEMO_SYNTH)
     if args.seed is not None:
         values["seed"] = args.seed
     synth_cfg = build_config(SynthConfig, values, source="demo")
     data_dir = out / "data"
-    print(f"[1/7] synthetic dataset -> {data_dir}")
+    steps.start(f"synthetic dataset -> {data_dir}")
     summary = generate_synthetic(data_dir, synth_cfg, overwrite=True, progress=True)
     print(f"      {summary['videos']} videos, {summary['instances']} instances, {summary['masks']} masks, "
           f"defects {summary['defects']}")
 
     truth = load_ytvis(data_dir / "truth.json")
     annotations = load_ytvis(data_dir / "annotations.json", check_frames=True)
-    print("[2/7] baselines scored against the true masks")
+    steps.start("baselines scored against the true masks")
     for name, results in (("box_baseline", filled_box_results(annotations)),
                           ("annotation_masks", annotations_as_results(annotations))):
         save_results(results, out / f"results_{name}.json")
@@ -92,18 +114,22 @@ def run(args: argparse.Namespace) -> int:
     tracking_uri = default_tracking_uri(out / "mlflow")
     # Submitted as a Ray job (RAY_ADDRESS set): use that cluster; otherwise a fresh local Ray.
     connect("auto" if os.environ.get("RAY_ADDRESS") else "local")
+    # The demo's steps run one after another: each may use every CPU of the (small) cluster —
+    # one mask-model actor per CPU, one training worker with all of them as torch threads.
+    cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), DEMO_MAX_CPUS))
 
     def train(name: str, mode: str, **data: Any) -> Any:
         cfg = TrainConfig.tiny(
             data_dir, iterations=iterations, run_name=name, storage_path=str(out / "runs"),
-            experiment="pmvis-demo-train", tracking_uri=tracking_uri, checkpoint_every=max(iterations // 2, 1),
+            experiment=TRAIN_EXPERIMENT, tracking_uri=tracking_uri, checkpoint_every=max(iterations // 2, 1),
+            cpus_per_worker=cpus,
             lr_steps=[int(iterations * 0.8)], loss={"mode": mode},
             data={"eval_annotations": "truth.json", **data},
         )
         shutil.rmtree(out / "runs" / name, ignore_errors=True)  # the data changed: no stale resume
         return run_training(cfg)
 
-    print(f"[3/7] box-only model (IDOL-BoxInst, tiny, {iterations} iterations) on Ray Train")
+    steps.start(f"box-only model (IDOL-BoxInst, tiny, {iterations} iterations) on Ray Train")
     box_only = train("box_only", "boxinst")
 
     options: dict = {"track": {"checkpoint": args.sam2_checkpoint} if args.sam2_checkpoint
@@ -112,14 +138,16 @@ def run(args: argparse.Namespace) -> int:
                                  "inference": {"test_short_side": None, "test_max_size": None}}}
     if args.hqsam_checkpoint:
         options["hqsam"] = {"checkpoint": args.hqsam_checkpoint}
+    for name in ("hqsam", "track", "boxinst"):
+        options.setdefault(name, {})["actors"] = cpus
     sources = sources + (["boxinst"] if "boxinst" not in sources else [])
     pm_dir = out / "pseudo_masks"
     shutil.rmtree(pm_dir, ignore_errors=True)  # the dataset was regenerated: stored masks are stale
-    print(f"[4/7] pseudo masks ({', '.join(sources)}) on Ray Data -> {pm_dir}")
+    steps.start(f"pseudo masks ({', '.join(sources)}) on Ray Data -> {pm_dir}")
     pm_cfg = build_config(PseudoMaskConfig, {"sources": sources, "source_options": options}, source="demo")
     generate_pseudo_masks(data_dir, pm_dir, pm_cfg)
 
-    print("[5/7] fusion (DOOB, SCM, SHQM) and ground-truth filters (RIA, Missing-Data)")
+    steps.start("fusion (DOOB, SCM, SHQM) and ground-truth filters (RIA, Missing-Data)")
     filter_cfg = FilterConfig()
     tracks = read_raw(pm_dir / "raw")
     fused = fuse_annotations(annotations, tracks, filter_cfg.fuse)
@@ -130,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {out / 'train_pseudo.json'} (fused pseudo masks), {out / 'train_clean.json'} "
           f"({len(findings)} entries flagged)")
 
-    print(f"[6/7] PM-VIS and fully supervised models, {iterations} iterations each")
+    steps.start(f"PM-VIS and fully supervised models, {iterations} iterations each")
     pmvis_run = train("pmvis", "pmvis", pseudo_annotations=str(out / "train_pseudo.json"))
     full_run = train("full", "full")
     rows = {"box-only (IDOL-BoxInst)": box_only, "PM-VIS (pseudo masks)": pmvis_run,
@@ -139,15 +167,117 @@ def run(args: argparse.Namespace) -> int:
     write_text_atomic(out / "comparison.md", table + "\n")
     print(table)
 
-    print("[7/7] pseudo-mask quality report")
+    sweep = comparison = None
+    if args.sweep_trials:
+        sweep_iterations = TINY_SWEEP_ITERATIONS if args.tiny else DEMO_SWEEP_ITERATIONS
+        steps.start(f"{args.sweep_trials}-trial sweep (space {DEMO_SWEEP_SPACE!r}, {sweep_iterations} iterations "
+                    "per trial, ASHA) on Ray Tune, then pmvis compare")
+        sweep, comparison = _sweep_and_compare(out, data_dir, pm_dir, tracking_uri, args.sweep_trials,
+                                               sweep_iterations, synth_cfg.seed)
+
+    steps.start("pseudo-mask quality report")
     report = build_report(data_dir, pm_dir, out / "report", ReportConfig(filter=filter_cfg),
                           tracking_uri=tracking_uri)
     print(format_report(report))
-    print(f"\nplots: {', '.join(str(out / 'report' / p) for p in report['plots'])}")
-    print(f"comparison: {out / 'comparison.md'}")
-    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
-    print(f"outputs in {out}  ({time.perf_counter() - start:.1f} s)")
+
+    summary_text = _summary(out, table, sweep, comparison, report, tracking_uri, steps.elapsed())
+    write_text_atomic(out / "summary.md", summary_text + "\n")
+    print("\n" + summary_text)
     return 0
+
+
+class _Steps:
+    """Numbered step headers with the time each step took (users see where the minutes go)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n = total, 0
+        self.t0 = self.t = time.perf_counter()
+
+    def start(self, title: str) -> None:
+        now = time.perf_counter()
+        if self.n:
+            print(f"      ({now - self.t:.0f} s)")
+        self.n, self.t = self.n + 1, now
+        print(f"[{self.n}/{self.total}] {title}", flush=True)
+
+    def elapsed(self) -> float:
+        print(f"      ({time.perf_counter() - self.t:.0f} s)")
+        return time.perf_counter() - self.t0
+
+
+def _sweep_and_compare(out: Path, data_dir: Path, pm_dir: Path, tracking_uri: str, trials: int,
+                       iterations: int, seed: int) -> tuple[Any, Any]:
+    """The closing sweep from the cached raw masks (models not rerun), then its MLflow comparison."""
+    import shutil
+
+    from pmvis.jobs.sweep import format_result
+    from pmvis.platform.compare import compare_runs, format_comparison, write_comparison
+    from pmvis.platform.sweep import SweepConfig, run_sweep
+
+    storage = out / "sweeps"
+    # The dataset was regenerated: a previous demo's sweep is stale (not resumed, not compared).
+    shutil.rmtree(storage / SWEEP_NAME, ignore_errors=True)
+    _retire_runs(tracking_uri, (SWEEP_NAME, f"{SWEEP_NAME}-train"))
+    cfg = SweepConfig(
+        space=DEMO_SWEEP_SPACE, data_dir=str(data_dir), raw=str(pm_dir), name=SWEEP_NAME,
+        storage_path=str(storage), samples=trials, search="random", scheduler="asha",
+        iterations=iterations, preset="tiny", tracking_uri=tracking_uri, seed=seed,
+        train_overrides={"checkpoint_every": max(iterations // 2, 1), "lr_steps": [int(iterations * 0.8)],
+                         "data": {"eval_annotations": "truth.json"}},
+    )
+    sweep = run_sweep(cfg)
+    print(format_result(sweep))
+    comparison = compare_runs(SWEEP_NAME, metric="AP", tracking_uri=tracking_uri)
+    print(format_comparison(comparison))
+    paths = write_comparison(comparison, out / "compare")
+    print(f"      written: {paths['csv']}, {paths['png']}")
+    return sweep, comparison
+
+
+def _retire_runs(tracking_uri: str, experiments: tuple[str, ...]) -> None:
+    """Soft-delete the runs of the demo's own sweep experiments (MLflow keeps them restorable)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            continue
+        for run in client.search_runs([exp.experiment_id], max_results=10000):
+            client.delete_run(run.info.run_id)
+
+
+def _summary(out: Path, table: str, sweep: Any, comparison: Any, report: dict, tracking_uri: str,
+             seconds: float) -> str:
+    """The closing summary (also OUT/summary.md): AP table, sweep result, plots, MLflow."""
+    lines = [f"# pmvis demo summary ({seconds / 60:.1f} min)", "",
+             "Held-out AP against the true masks (tiny model, random-weight HQ-SAM/SAM 2 unless checkpoints "
+             "were given):", "", table, ""]
+    if sweep is not None:
+        lines += [f"Sweep {sweep.name}: {len(sweep.rows)} trials (eval_AP, best first):", "",
+                  _sweep_table(sweep), ""]
+        if sweep.best_config_path:
+            lines.append(f"best config: {sweep.best_config_path}  (pmvis train --config ...)")
+    plots = [str(out / "report" / p) for p in report["plots"]]
+    if comparison is not None:
+        plots.append(str(out / "compare" / "compare.png"))
+    lines += ["plots:"] + [f"  {p}" for p in plots]
+    lines += [f"comparison: {out / 'comparison.md'}",
+              f"MLflow:     mlflow ui --backend-store-uri {tracking_uri}",
+              f"outputs:    {out}"]
+    return "\n".join(lines)
+
+
+def _sweep_table(sweep: Any) -> str:
+    """The sweep's trials as a Markdown table (knobs, eval_AP, iterations trained, status)."""
+    knobs = list(sweep.rows[0].knobs) if sweep.rows else []
+    lines = ["| trial | " + " | ".join(knobs) + " | eval_AP | iterations | status |",
+             "|---|" + "---|" * (len(knobs) + 3)]
+    for r in sweep.rows:
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.knobs.get(k) for k in knobs)]
+        ap = "-" if r.ap is None else f"{r.ap:.2f}"
+        lines.append(f"| {r.trial_id} | " + " | ".join(cells) + f" | {ap} | {r.iteration or '-'} | {r.status} |")
+    return "\n".join(lines)
 
 
 def _comparison_table(rows: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
     parser.add_argument("--samples", type=int, default=10, metavar="N", help="trials to draw (× the grid size) (default 10)")
     parser.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
-                        help="random draws; grid: every choice knob as a grid; optuna: TPE (needs optuna)")
+                        help="random draws; grid: every choice knob as a grid; optuna: TPE")
     parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                         help="asha: stop weak trials early on eval_AP; fifo: run every trial to the end")
     parser.add_argument("--gpus-per-trial", type=int, default=0, metavar="G",
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", choices=("auto", "on", "off"), default="auto",
                         help="filter the ground truth per trial (auto: when the space has filter.* knobs)")
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what the cluster fits)")
+    parser.add_argument("--seed", type=int, metavar="N", help="search seed: the same seed draws the same trials (default unseeded)")
     parser.add_argument("--address", default="auto", metavar="auto|local|ADDR",
                         help="Ray cluster: auto (RAY_ADDRESS / a running cluster / else local), local, or an address")
 
@@ -57,7 +58,8 @@ def build_sweep_config(args: argparse.Namespace):
                        storage_path=str(args.storage), samples=args.samples, search=args.search,
                        scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial, iterations=args.iterations,
                        preset=args.preset, train_overrides=train, fuse_overrides=fuse, filter_overrides=filt,
-                       filter=args.filter, tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent)
+                       filter=args.filter, tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent,
+                       seed=args.seed)
 
 
 def format_result(result) -> str:

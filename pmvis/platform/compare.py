@@ -22,6 +22,7 @@ from pmvis.platform.tracking import DB_NAME, DEFAULT_STORE_DIR
 
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."
+EVAL_PREFIX = "eval_"  # held-out metrics of training runs (pmvis.platform.training)
 RUN_NAME_TAG = "tags.mlflow.runName"
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
@@ -92,6 +93,16 @@ def _differs(series) -> bool:
     return series.astype(object).where(series.notna(), None).map(repr).nunique() > 1
 
 
+def _resolve_metric(runs: Any, metric: str) -> str | None:
+    """``metric`` if some run logged it, else its held-out form ``eval_<metric>`` (pmvis training
+    and sweep runs log the held-out AP as ``eval_AP``, so ``--metric AP`` finds them); else None."""
+    for name in (metric, EVAL_PREFIX + metric):
+        col = METRIC_PREFIX + name
+        if col in runs.columns and not runs[col].isna().all():
+            return name
+    return None
+
+
 def compare_runs(experiment: str, *, metric: str = "AP", mode: str = "max",
                  tracking_uri: str | None = None) -> Comparison:
     """Fetch the runs of ``experiment`` and order them best first by ``metric``."""
@@ -100,14 +111,16 @@ def compare_runs(experiment: str, *, metric: str = "AP", mode: str = "max",
     if mode not in ("max", "min"):
         raise PmvisError(f"mode must be 'max' or 'min', got {mode!r}")
     uri = resolve_tracking_uri(tracking_uri)
+    metric_arg = metric
     runs = _fetch_runs(experiment, uri)
     if runs is None or len(runs) == 0:
         raise PmvisError(f"experiment {experiment!r} in {uri} has no runs")
-    metric_col = METRIC_PREFIX + metric
     metric_cols = sorted(c for c in runs.columns if c.startswith(METRIC_PREFIX))
-    if metric_col not in runs.columns or runs[metric_col].isna().all():
+    metric = _resolve_metric(runs, metric)
+    if metric is None:
         known = ", ".join(c[len(METRIC_PREFIX):] for c in metric_cols) or "none"
-        raise PmvisError(f"no run of experiment {experiment!r} has metric {metric!r} (metrics logged: {known})")
+        raise PmvisError(f"no run of experiment {experiment!r} has metric {metric_arg!r} (metrics logged: {known})")
+    metric_col = METRIC_PREFIX + metric
 
     order = runs.sort_values(by=[metric_col, "start_time"], ascending=[mode == "min", True],
                              na_position="last", kind="stable").reset_index(drop=True)

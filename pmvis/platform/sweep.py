@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
 from pmvis.platform.errors import PmvisError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class SweepConfig:
     filter: str = "auto"  # auto: filter the ground truth when the space has filter.* knobs; on; off
     tracking_uri: str | None = None
     max_concurrent: int | None = None  # None: from the cluster's resources
-    seed: int | None = None  # search seed (optuna)
+    seed: int | None = None  # search seed (random draws, optuna's sampler); None: unseeded
 
 
 @dataclass
@@ -272,6 +274,36 @@ def trial_driver(config: dict, ctx: dict) -> None:
 # ----------------------------------------------------------------------------- Tune setup
 
 
+class ResumableMLflowLoggerCallback(MLflowLoggerCallback):
+    """Ray's MLflow logger, but a trial resumed by ``Tuner.restore`` keeps its MLflow run.
+
+    Ray keys its trial → run map by Trial objects, which a restore recreates, so a resumed trial
+    would open a second run. This callback saves the map by trial id in the experiment state
+    (Tune's ``get_state``/``set_state``) and logs a resumed trial into its first run.
+    """
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        super().setup(*args, **kwargs)
+        self._run_ids: dict[str, str] = getattr(self, "_run_ids", {})
+
+    def log_trial_start(self, trial: Any) -> None:
+        if trial not in self._trial_runs and trial.trial_id in self._run_ids:
+            self._trial_runs[trial] = self._run_ids[trial.trial_id]
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(self.tracking_uri).update_run(self._run_ids[trial.trial_id], status="RUNNING")
+        super().log_trial_start(trial)
+        self._run_ids[trial.trial_id] = self._trial_runs[trial]
+
+    def get_state(self) -> dict | None:
+        run_ids = getattr(self, "_run_ids", {})
+        return {"run_ids": dict(run_ids)} if run_ids else None
+
+    def set_state(self, state: dict) -> None:
+        self._run_ids = dict(state.get("run_ids") or {})
+
+
+
 def param_space(space: Any, search: str) -> dict[str, Any]:
     """The flat Tune param space ``{knob path: distribution}``; ``grid`` turns every choice knob
     into a grid (continuous knobs stay random draws, one per grid point and sample)."""
@@ -286,11 +318,12 @@ def param_space(space: Any, search: str) -> dict[str, Any]:
     return out
 
 
-def build_search_alg(space: Any, search: str, seed: int | None) -> Any:
+def check_search(space: Any, search: str) -> None:
+    """Fail before Ray starts on a search the space or the environment cannot run."""
     if search not in SEARCHES:
         raise PmvisError(f"unknown search {search!r} ({', '.join(SEARCHES)})")
     if search != "optuna":
-        return None  # Tune's BasicVariantGenerator: random draws and grid_search expansion
+        return
     try:
         import optuna  # noqa: F401
     except ImportError:
@@ -298,9 +331,21 @@ def build_search_alg(space: Any, search: str, seed: int | None) -> Any:
                          "environment; use --search random or grid") from None
     if any(k.kind == "grid" for k in space.knobs.values()):
         raise PmvisError(f"{space.source}: optuna cannot search grid knobs; use choice instead")
+
+
+def build_search_alg(space: Any, search: str, seed: int | None, max_concurrent: int) -> Any:
+    """random/grid: Tune's BasicVariantGenerator (draws and grid_search expansion), seeded when
+    ``seed`` is given; optuna: TPE behind a ConcurrencyLimiter. Either runs ``max_concurrent``
+    trials at once (a search algorithm passed to the Tuner ignores ``max_concurrent_trials``)."""
+    check_search(space, search)
+    if search != "optuna":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(metric=METRIC, mode=MODE, seed=seed)
+    return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=seed), max_concurrent=max_concurrent)
 
 
 def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
@@ -415,7 +460,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume: the same name and storage path) a sweep on the connected Ray cluster."""
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from pmvis.platform.io import write_json_atomic
     from pmvis.platform.search_spaces import load_space
@@ -431,7 +475,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     space = load_space(cfg.space)
     if not space.knobs:
         raise PmvisError(f"{space.source}: the search space has no knobs")
-    search_alg = build_search_alg(space, cfg.search, cfg.seed)
+    check_search(space, cfg.search)
     train_values = base_train_values(cfg)
     dataset = load_dataset_dir(cfg.data_dir)  # fail now on a bad dataset dir
     storage = str(Path(cfg.storage_path).expanduser().resolve())
@@ -463,11 +507,11 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             trainable,
             param_space=param_space(space, cfg.search),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=cfg.samples,
-                                        search_alg=search_alg, scheduler=build_scheduler(cfg.scheduler, train_values),
-                                        max_concurrent_trials=concurrent),
+                                        search_alg=build_search_alg(space, cfg.search, cfg.seed, concurrent),
+                                        scheduler=build_scheduler(cfg.scheduler, train_values)),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage,
-                callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.name,
+                callbacks=[ResumableMLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.name,
                                                 save_artifact=False)]),
         )
     grid = tuner.fit()

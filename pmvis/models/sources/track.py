@@ -246,8 +246,14 @@ class Sam2Tracker:
         results: dict[int, tuple[list, list]] = {}
         if not groups:
             return results
+        import sam2.sam2_video_predictor as svp
+        from tqdm import tqdm
+
         p = self.predictor
-        with torch.inference_mode():
+        # SAM 2 draws a tqdm bar per propagation, with no switch: on Ray every actor's bars flood
+        # the driver's log (pmvis shows one bar per source on the driver instead).
+        quiet = mock.patch.object(svp, "tqdm", lambda it, *a, **k: tqdm(it, *a, **{**k, "disable": True}))
+        with torch.inference_mode(), quiet:
             state = sam2_init_state(p, frames, self.feed)
             for key, objects in groups:
                 p.reset_state(state)
