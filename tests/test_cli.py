@@ -56,6 +56,8 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     sweep_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep"])
     assert len(sweep_runs) == 4 and "metrics.eval_AP" in sweep_runs.columns
     assert {"params.fuse.mode", "params.filter.ria_tau", "params.loss.tk_k"} <= set(sweep_runs.columns)
+    trainer_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep-train"])
+    assert len(trainer_runs) == 4 and set(trainer_runs["status"]) <= {"FINISHED", "KILLED"}  # none left RUNNING
     results = json.loads((out / "sweeps/pmvis-demo-sweep/results.json").read_text())
     assert len(results["trials"]) == 4 and results["space"].endswith("demo.yaml")
     assert (out / "sweeps/pmvis-demo-sweep/best_config.yaml").is_file()

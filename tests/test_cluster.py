@@ -255,8 +255,11 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         mlflow_client = MlflowClient(tracking_uri=f"sqlite:///{db}")
         experiments = {e.name: e.experiment_id for e in mlflow_client.search_experiments()}
         assert {"pmvis-demo-train", "pmvis-demo-sweep", "pmvis-pseudo-masks"} <= set(experiments), experiments
-        runs = mlflow_client.search_runs(list(experiments.values()))
-        assert runs and all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+        # Every run closed: FINISHED, or KILLED for the trainings of sweep trials ASHA stopped early.
+        for name, exp_id in experiments.items():
+            allowed = {"FINISHED", "KILLED"} if name == "pmvis-demo-sweep-train" else {"FINISHED"}
+            statuses = [r.info.status for r in mlflow_client.search_runs([exp_id])]
+            assert set(statuses) <= allowed, (name, statuses)
         assert len(mlflow_client.search_runs([experiments["pmvis-demo-train"]])) == 3
         sweep_runs = mlflow_client.search_runs([experiments["pmvis-demo-sweep"]])
         assert len(sweep_runs) == JOB_SWEEP_TRIALS and all("eval_AP" in r.data.metrics for r in sweep_runs)

@@ -8,6 +8,7 @@ from pmvis.platform.errors import PmvisError
 
 # Keep a local Ray small on a laptop: object store sized for masks, not for the whole machine.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never reachable from other machines
 
 
 def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
@@ -20,7 +21,10 @@ def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    # The dashboard (local only, 127.0.0.1) serves Ray's state API: Train V2 needs it to free the
+    # placement group of a training whose driver was killed (a Tune trial stopped by ASHA);
+    # without it those CPUs stay reserved and later trials wait forever.
+    kwargs: dict = {"include_dashboard": True, "dashboard_host": LOCAL_DASHBOARD_HOST, "log_to_driver": True}
     try:
         if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS") and not _running_cluster()):
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)

@@ -361,9 +361,12 @@ def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
     t = build_config(TrainConfig, {**train_values, "data": {**train_values["data"], "pseudo_annotations": "x"}},
                      source="sweep train config")
     every = min(t.checkpoint_every, t.eval_every or t.checkpoint_every)
-    max_t = max(1, math.ceil(t.iterations / every))  # reports per trial
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1,
-                         reduction_factor=2)
+    reports = max(1, math.ceil(t.iterations / every))  # reports per trial
+    # Rungs only before the last report, and no stop at max_t: a trial that is not cut early ends
+    # by returning, so its training finishes cleanly (final evaluation, MLflow run closed) instead
+    # of being killed right after its last report.
+    return ASHAScheduler(time_attr="training_iteration", max_t=max(1, reports - 1), grace_period=1,
+                         reduction_factor=2, stop_last_trials=False)
 
 
 def max_concurrent_trials(train_values: Mapping[str, Any], gpus_per_trial: int) -> int:
@@ -425,6 +428,27 @@ def format_table(rows: list[TrialRow]) -> str:
                       r.status])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experiment: str) -> list[str]:
+    """Mark KILLED the trainer MLflow runs that ended trials left RUNNING: a trial stopped early by
+    ASHA is killed with its training, which never closes its run. Errored trials are left as they
+    are (a rerun of the sweep resumes them into the same run). Returns the run ids closed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status == "done" and r.trial_dir}
+    if exp is None or not ended:
+        return []
+    closed = []
+    for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=10000):
+        if run.data.tags.get("pmvis.run_dir") in ended:
+            client.set_tag(run.info.run_id, "pmvis.stopped_by", "sweep scheduler")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple[str, str]:
@@ -519,6 +543,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     for row in rows:
         d = sweep_dir / TRIALS_DIRNAME / row.trial_id
         row.trial_dir = str(d) if d.is_dir() else None
+    close_stopped_trainer_runs(rows, tracking_uri, f"{cfg.name}-train")
     # Best among the trials that ended normally (ASHA-stopped ones included); a failed trial's
     # partial AP does not count (rerun the sweep to resume it).
     best = next((r for r in rows if r.ap is not None and r.trial_dir and r.status == "done"), None)
