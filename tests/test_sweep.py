@@ -156,6 +156,7 @@ def test_sweep_two_trials_mlflow_best_config(tmp_path, ray_session, capsys):
 
     runs = _runs(tmp_path, "sw")
     assert len(runs) == 2
+    assert not [c for c in runs.columns if c.startswith("metrics.config")]  # knobs are params, not metrics
     for _, r in runs.iterrows():
         assert r["params.fuse.mode"] in ("select", "vote")
         assert 1.0 <= float(r["params.loss.pseudo_dice_weight"]) < 5.0
@@ -179,16 +180,19 @@ def test_sweep_two_trials_mlflow_best_config(tmp_path, ray_session, capsys):
 
 @pytest.mark.slow
 def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
-    """Interruption: the trial's training raises at iteration 2 once (debug fault injection, no Train
-    retries), so the first run ends with an errored trial; the same name again restores the sweep
-    (resume_errored) and the trial's training resumes from its checkpoint at iteration 2."""
+    """Interruption, on an optuna search: the trial's training raises at iteration 2 once (debug
+    fault injection, no Train retries), so the first run ends with an errored trial; the same name
+    again restores the sweep (resume_errored) and the trial's training resumes from its checkpoint
+    at iteration 2."""
     from pmvis.platform.sweep import run_sweep
 
     data, raw = make_store(tmp_path)
     marker = tmp_path / "failed-once"
     overrides = {"checkpoint_every": 2, "log_every": 2, "batch_size": 1, "max_failures": 0,
                  "debug": {"fail_at_iteration": 3, "fail_mode": "raise", "fail_marker": str(marker)}}
-    cfg = sweep_config(tmp_path, data, raw, samples=1, scheduler="asha", train_overrides=overrides,
+    # optuna (TPE): its searcher state is restored with the sweep too.
+    cfg = sweep_config(tmp_path, data, raw, samples=1, scheduler="asha", search="optuna", seed=0,
+                       train_overrides=overrides,
                        space=str(space_file(tmp_path, "fuse.mode: {choice: [select, vote]}\n", "one.yaml")))
     first = run_sweep(cfg)
     assert not first.restored and marker.exists()

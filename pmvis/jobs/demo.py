@@ -45,12 +45,12 @@ DEMO_SOURCES = ("grabcut", "hqsam", "track")
 # The --tiny dataset: small enough for a test, big enough to have every kind of defect.
 TINY_SYNTH = {"videos": 3, "frames": 4, "height": 64, "width": 80}
 # The demo's default dataset: small enough for the random-weight models on 2 CPU cores.
-DEMO_SYNTH = {"videos": 6, "frames": 8}
+DEMO_SYNTH = {"videos": 6, "frames": 6}
 # Without a SAM 2 checkpoint the tracker's weights are random anyway: run it at a small input
 # size so the demo stays fast (SAM 2 is trained at 1024; a real checkpoint keeps that).
 RANDOM_SAM2_OVERRIDES = ("++model.image_size=256",)
 # Training budget per model (the same for box-only, PM-VIS and fully supervised).
-DEMO_ITERATIONS = 300
+DEMO_ITERATIONS = 150
 TINY_ITERATIONS = 6
 # CPUs the demo's one-at-a-time steps spread over (mask-model actors, torch threads of a worker).
 DEMO_MAX_CPUS = 8
@@ -58,7 +58,7 @@ DEMO_MAX_CPUS = 8
 # whole demo stays within ~10 minutes on 2 cores; ASHA stops the weaker half at the first report).
 DEMO_SWEEP_SPACE = "demo"
 DEMO_SWEEP_TRIALS = 4
-DEMO_SWEEP_ITERATIONS = 100
+DEMO_SWEEP_ITERATIONS = 40
 TINY_SWEEP_ITERATIONS = 4
 SWEEP_NAME = "pmvis-demo-sweep"
 TRAIN_EXPERIMENT = "pmvis-demo-train"

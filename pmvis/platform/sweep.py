@@ -295,6 +295,12 @@ class ResumableMLflowLoggerCallback(MLflowLoggerCallback):
         super().log_trial_start(trial)
         self._run_ids[trial.trial_id] = self._trial_runs[trial]
 
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        # Tune puts the trial config into the result (logged flat as config/<knob>): those are the
+        # run's params already, not metrics.
+        super().log_trial_result(iteration, trial, {k: v for k, v in result.items()
+                                                    if k != "config" and not k.startswith("config/")})
+
     def get_state(self) -> dict | None:
         run_ids = getattr(self, "_run_ids", {})
         return {"run_ids": dict(run_ids)} if run_ids else None
