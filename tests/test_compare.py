@@ -105,3 +105,24 @@ def test_metric_ap_finds_held_out_eval_ap(tmp_path):
     assert c.metric == "eval_AP" and list(c.table["run_name"]) == ["t2", "t1"]
     with pytest.raises(PmvisError, match="has metric 'AP75'"):
         compare_runs("sw", metric="AP75", tracking_uri=uri)
+
+
+def test_ensure_experiment_survives_a_concurrent_create(tmp_path, monkeypatch):
+    """Two sweep trials start their trainings together: the one that loses the create race gets
+    the experiment the other made instead of failing the trial."""
+    import mlflow
+
+    from pmvis.platform.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = ensure_experiment("raced", uri)
+    real_get = mlflow.get_experiment_by_name
+    calls = []
+
+    def stale_get(name):  # the first lookup happened before the other process created it
+        calls.append(name)
+        return None if len(calls) == 1 else real_get(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", stale_get)
+    assert ensure_experiment("raced", uri) == first
+    assert len(calls) == 2

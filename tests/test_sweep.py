@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -192,11 +194,14 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
                  "debug": {"fail_at_iteration": 3, "fail_mode": "raise", "fail_marker": str(marker)}}
     # optuna (TPE): its searcher state is restored with the sweep too.
     cfg = sweep_config(tmp_path, data, raw, samples=1, scheduler="asha", search="optuna", seed=0,
-                       train_overrides=overrides,
+                       train_overrides=overrides, trial_retries=0,
                        space=str(space_file(tmp_path, "fuse.mode: {choice: [select, vote]}\n", "one.yaml")))
     first = run_sweep(cfg)
     assert not first.restored and marker.exists()
     assert [r.status for r in first.rows] == ["error"] and first.best is None
+    # The failure is reported with its cause and where the whole traceback is.
+    assert first.rows[0].error and first.rows[0].error_file
+    assert "injected failure at iteration 3" in Path(first.rows[0].error_file).read_text()
     trial_id = first.rows[0].trial_id
 
     second = run_sweep(cfg)
@@ -217,3 +222,26 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
     assert list(sweep_runs["status"]) == ["FINISHED"], sweep_runs[["run_id", "status"]]
     assert sweep_runs.iloc[0]["params.fuse.mode"] in ("select", "vote")
     assert sweep_runs.iloc[0]["metrics.eval_AP"] == pytest.approx(second.rows[0].ap)
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_and_resumes_its_training(tmp_path, ray_session):
+    """A trial whose training fails once (Train retries off) is rerun by Tune (trial_retries=1):
+    the rerun resumes the training from its checkpoint, the trial ends done, and its MLflow runs
+    (the sweep's and the trainer's) are one each, both FINISHED."""
+    from pmvis.platform.sweep import run_sweep
+
+    data, raw = make_store(tmp_path)
+    marker = tmp_path / "failed-once"
+    overrides = {"checkpoint_every": 2, "log_every": 2, "batch_size": 1, "max_failures": 0,
+                 "debug": {"fail_at_iteration": 3, "fail_mode": "raise", "fail_marker": str(marker)}}
+    cfg = sweep_config(tmp_path, data, raw, samples=1, seed=0, train_overrides=overrides, trial_retries=1,
+                       space=str(space_file(tmp_path, "fuse.mode: {choice: [select, vote]}\n", "one.yaml")))
+    result = run_sweep(cfg)
+    assert marker.exists()  # the failure did happen
+    assert [r.status for r in result.rows] == ["done"] and result.rows[0].iteration == 4, result.rows
+    assert result.rows[0].error is None and result.best is not None
+    trainer_runs = _runs(tmp_path, "sw-train")
+    assert list(trainer_runs["status"]) == ["FINISHED"] and trainer_runs.iloc[0]["tags.pmvis.resumed_at"] == "2"
+    sweep_runs = _runs(tmp_path, "sw")
+    assert list(sweep_runs["status"]) == ["FINISHED"], sweep_runs[["run_id", "status"]]

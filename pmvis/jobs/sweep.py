@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="filter the ground truth per trial (auto: when the space has filter.* knobs)")
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what the cluster fits)")
     parser.add_argument("--seed", type=int, metavar="N", help="search seed: the same seed draws the same trials (default unseeded)")
+    parser.add_argument("--trial-retries", type=int, metavar="N",
+                        help="rerun a failed trial up to N times, resuming its training from its last "
+                             "checkpoint (default: SweepConfig.trial_retries, 1)")
     parser.add_argument("--address", default="auto", metavar="auto|local|ADDR",
                         help="Ray cluster: auto (RAY_ADDRESS / a running cluster / else local), local, or an address")
 
@@ -59,7 +62,8 @@ def build_sweep_config(args: argparse.Namespace):
                        scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial, iterations=args.iterations,
                        preset=args.preset, train_overrides=train, fuse_overrides=fuse, filter_overrides=filt,
                        filter=args.filter, tracking_uri=args.tracking_uri, max_concurrent=args.max_concurrent,
-                       seed=args.seed)
+                       seed=args.seed,
+                       **({} if args.trial_retries is None else {"trial_retries": args.trial_retries}))
 
 
 def format_result(result) -> str:
@@ -70,7 +74,8 @@ def format_result(result) -> str:
              format_table(result.rows)]
     for r in result.rows:
         if r.error:
-            lines.append(f"  trial {r.trial_id} failed: {r.error}")
+            lines.append(f"  trial {r.trial_id} failed: {r.error}"
+                         + (f" (traceback: {r.error_file})" if r.error_file else ""))
     if result.best is not None:
         lines.append(f"best trial:  {result.best.trial_id} (eval_AP {result.best.ap:.3f})")
         lines.append(f"best config: {result.best_config_path} (pmvis train --config ...)")

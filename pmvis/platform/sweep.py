@@ -87,6 +87,10 @@ class SweepConfig:
     tracking_uri: str | None = None
     max_concurrent: int | None = None  # None: from the cluster's resources
     seed: int | None = None  # search seed (random draws, optuna's sampler); None: unseeded
+    # Tune reruns a trial that failed (a lost node, a crashed trial driver) this many times; its
+    # training resumes from the trial's last checkpoint. Failures inside training are retried by
+    # Train first (TrainConfig.max_failures).
+    trial_retries: int = 1
 
 
 @dataclass
@@ -97,7 +101,8 @@ class TrialRow:
     ap: float | None
     iteration: int | None
     trial_dir: str | None
-    error: str | None = None
+    error: str | None = None  # the last line of the trial's exception
+    error_file: str | None = None  # Tune's full traceback of a failed trial
 
 
 @dataclass
@@ -404,6 +409,11 @@ def _float(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _error_file(result: Any) -> str | None:
+    path = Path(result.path) / "error.txt" if result.error is not None and result.path else None
+    return str(path) if path is not None and path.is_file() else None
+
+
 def collect_rows(grid: Any, knob_paths: list[str]) -> list[TrialRow]:
     rows = []
     for r in grid:
@@ -414,7 +424,8 @@ def collect_rows(grid: Any, knob_paths: list[str]) -> list[TrialRow]:
             trial_id=str(trial_id), status="error" if r.error else "done",
             knobs={p: cfg.get(p) for p in knob_paths}, ap=_float(m.get(METRIC)),
             iteration=m.get("iteration"), trial_dir=None,
-            error=None if r.error is None else str(r.error).strip().splitlines()[-1][:300]))
+            error=None if r.error is None else str(r.error).strip().splitlines()[-1][:300],
+            error_file=_error_file(r)))
     rows.sort(key=lambda row: (row.ap is None, -(row.ap or 0.0)))
     return rows
 
@@ -500,6 +511,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         raise PmvisError(f"--samples must be ≥ 1, got {cfg.samples}")
     if cfg.filter not in ("auto", "on", "off"):
         raise PmvisError(f"filter must be auto, on or off, got {cfg.filter!r}")
+    if cfg.trial_retries < 0:
+        raise PmvisError(f"--trial-retries must be ≥ 0, got {cfg.trial_retries}")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise PmvisError(f"--name must be a plain directory name, got {cfg.name!r}")
     space = load_space(cfg.space)
@@ -541,6 +554,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                                         scheduler=build_scheduler(cfg.scheduler, train_values)),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=cfg.trial_retries),
                 callbacks=[ResumableMLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.name,
                                                 save_artifact=False)]),
         )

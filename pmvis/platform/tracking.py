@@ -7,10 +7,13 @@ server the head node runs.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = Path("mlflow")  # relative to the working directory unless configured
 DB_NAME = "mlflow.db"
@@ -47,13 +50,26 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The experiment's id, created (artifacts beside a sqlite store) if missing.
+
+    Concurrent sweep trials start their trainings together and may both find the experiment
+    missing: the loser of the create race takes the winner's experiment instead of failing.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
         return mlflow.create_experiment(name, artifact_location=_artifact_root(tracking_uri))
-    return experiment.experiment_id
+    except MlflowException as exc:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        logger.debug("experiment %s was created concurrently (%s)", name, exc)
+        return experiment.experiment_id
 
 
 @contextmanager
