@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from raw_store_for_tests import make_store
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -151,12 +152,14 @@ def _stop_head(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-# The job: `pmvis demo --tiny` — synth, box-only training, pseudo masks, fuse/filter, PM-VIS and
-# fully supervised training, a 2-trial sweep + compare, report — joining the cluster the job was
-# submitted to (RAY_ADDRESS is set for a job driver), from the uploaded working_dir.
+# The job is what a user submits to a cluster (README "Running on a cluster"): `pmvis sweep` (a
+# 2-trial Tune sweep; each trial re-fuses the cached pseudo masks and trains in a TorchTrainer),
+# then `pmvis compare` of its MLflow runs — joining the cluster the job was submitted to
+# (RAY_ADDRESS is set for a job driver), from the uploaded working_dir. (`pmvis demo --tiny`, the
+# whole chain, is tested in-process in test_cli.py.)
+JOB_SWEEP = "job-sweep"
 JOB_SWEEP_TRIALS = 2
-
-
+JOB_SPACE = "fuse.mode: {choice: [select, vote]}\nloss.pseudo_dice_weight: {uniform: [1.0, 5.0]}\n"
 JOB_WORKER_PORTS = (20000, 29999)  # below Linux's ephemeral range (32768+), above Ray's default
 
 
@@ -169,12 +172,16 @@ def _trial_failures(out: Path, logs: str) -> str:
     return "\n".join(lines)
 
 
-def _job_entrypoint(out: Path) -> str:
+def _job_entrypoint(data: Path, raw: Path, space: Path, out: Path, tracking_uri: str) -> str:
     py = shlex.quote(sys.executable)
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    sweep = (f"{py} -m pmvis sweep --space {q(space)} --data {q(data)} --raw {q(raw)} "
+             f"--samples {JOB_SWEEP_TRIALS} --seed 0 --name {JOB_SWEEP} --storage {q(out / 'sweeps')} "
+             f"--tracking-uri {q(tracking_uri)} --iterations 4 --preset tiny "
+             "--set checkpoint_every=2 --set log_every=2 --set batch_size=1")
+    compare = f"{py} -m pmvis compare --experiment {JOB_SWEEP} --tracking-uri {q(tracking_uri)} --out {q(out / 'compare')}"
     return " && ".join([
-        f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"),
-        f"{py} -m pmvis demo --tiny --sweep-trials {JOB_SWEEP_TRIALS} --out {shlex.quote(str(out))}",
-    ])
+        f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"), sweep, compare])
 
 
 @pytest.mark.slow
@@ -212,6 +219,14 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
            "--min-worker-port", str(JOB_WORKER_PORTS[0]), "--max-worker-port", str(JOB_WORKER_PORTS[1])]
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "job"
+    # The job's inputs: a dataset and a pseudo-mask store (a cluster would have them on shared
+    # storage), a search-space file, and an MLflow store (a server URI on a real cluster).
+    data, raw = make_store(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(JOB_SPACE)
+    db = out / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    tracking_uri = f"sqlite:///{db}"
     headers = {"Authorization": f"Bearer {token}"}
     job_id = None
     client = None
@@ -236,7 +251,7 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert refused.value.code in (401, 403)
 
         job_id = client.submit_job(
-            entrypoint=_job_entrypoint(out),
+            entrypoint=_job_entrypoint(data, raw, space, out, tracking_uri),
             runtime_env={
                 "working_dir": str(REPO),
                 "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info",
@@ -257,32 +272,33 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         where = [ln.split(" ", 1)[1] for ln in logs.splitlines() if ln.startswith("PMVIS_FROM ")]
         assert where and not Path(where[0]).is_relative_to(REPO), where  # the uploaded copy, not REPO
         print(f"job {job_id} {status}; last lines of its log:\n" + "\n".join(logs.splitlines()[-25:]))
-        for name in ("data/annotations.json", "pseudo_masks/manifest.json", "report/report.json",
-                     "comparison.md", "compare/compare.csv", "compare/compare.png", "summary.md",
-                     "sweeps/pmvis-demo-sweep/best_config.yaml"):
-            assert (out / name).exists(), f"{name} missing; job log:\n{logs[-3000:]}"
-        assert "# pmvis demo summary" in logs and "mlflow ui --backend-store-uri" in logs
+        sweep_dir = out / "sweeps" / JOB_SWEEP
+        for path in (sweep_dir / "results.json", sweep_dir / "best_config.yaml", out / "compare" / "compare.csv",
+                     out / "compare" / "compare.png"):
+            assert path.exists(), f"{path} missing; job log:\n{logs[-3000:]}"
+        assert f"pmvis sweep {JOB_SWEEP}: {JOB_SWEEP_TRIALS} trials" in logs and "best config:" in logs
         # The job's driver used the head it was submitted to, not a Ray of its own.
         assert "Started a local Ray instance" not in logs, logs[-3000:]
-        db = out / "mlflow" / "mlflow.db"
-        assert db.is_file()
         from mlflow.tracking import MlflowClient
 
-        mlflow_client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        mlflow_client = MlflowClient(tracking_uri=tracking_uri)
         # A trial that failed and was rerun (trial_retries) is fine; say so, and explain a final failure.
         failures = _trial_failures(out, logs)
         if failures:
             print(f"sweep trial failures (retried or final):\n{failures}")
         experiments = {e.name: e.experiment_id for e in mlflow_client.search_experiments()}
-        assert {"pmvis-demo-train", "pmvis-demo-sweep", "pmvis-pseudo-masks"} <= set(experiments), experiments
+        assert {JOB_SWEEP, f"{JOB_SWEEP}-train"} <= set(experiments), experiments
         # Every run closed: FINISHED, or KILLED for the trainings of sweep trials ASHA stopped early.
         for name, exp_id in experiments.items():
-            allowed = {"FINISHED", "KILLED"} if name == "pmvis-demo-sweep-train" else {"FINISHED"}
+            allowed = {"FINISHED", "KILLED"} if name == f"{JOB_SWEEP}-train" else {"FINISHED"}
             statuses = [r.info.status for r in mlflow_client.search_runs([exp_id])]
             assert set(statuses) <= allowed, (name, statuses, failures)
-        assert len(mlflow_client.search_runs([experiments["pmvis-demo-train"]])) == 3
-        sweep_runs = mlflow_client.search_runs([experiments["pmvis-demo-sweep"]])
-        assert len(sweep_runs) == JOB_SWEEP_TRIALS and all("eval_AP" in r.data.metrics for r in sweep_runs)
+        # One run per trial: its knobs as params, its held-out AP as a metric.
+        sweep_runs = mlflow_client.search_runs([experiments[JOB_SWEEP]])
+        assert len(sweep_runs) == JOB_SWEEP_TRIALS, failures
+        for run in sweep_runs:
+            assert run.data.params["fuse.mode"] in ("select", "vote") and "eval_AP" in run.data.metrics
+        assert len(mlflow_client.search_runs([experiments[f"{JOB_SWEEP}-train"]])) == JOB_SWEEP_TRIALS
     finally:
         if client is not None and job_id is not None:
             try:

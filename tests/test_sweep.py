@@ -3,48 +3,13 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 import yaml
+from raw_store_for_tests import make_store
 
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.raw_masks import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import decode_mask, encode_mask, load_ytvis
-
-
-def make_store(tmp_path):
-    """Synthetic data + a raw store: hqsam = truth (0.9), grabcut = the filled truth box (0.6)."""
-    import numpy as np
-
-    data = tmp_path / "data"
-    generate_synthetic(data, SynthConfig(videos=3, frames=3, height=48, width=64))
-    truth = load_ytvis(data / "truth.json")
-    raw = tmp_path / "pm"
-    for vid, anns in truth.annotations_by_video().items():
-        v = truth.videos[vid]
-        per_source: dict[str, list] = {"hqsam": [], "grabcut": []}
-        for a in anns:
-            tm = [None if s is None else decode_mask(s) for s in a.segmentations]
-            boxes = []
-            for t, m in enumerate(tm):
-                if m is None:
-                    boxes.append(None)
-                    continue
-                x, y, w, h = (int(b) for b in a.bboxes[t])
-                b = np.zeros((v.height, v.width), dtype=bool)
-                b[y:y + h, x:x + w] = True
-                boxes.append(b)
-            for source, masks, conf in (("hqsam", tm, 0.9), ("grabcut", boxes, 0.6)):
-                per_source[source].append(RawTrack(
-                    video_id=vid, annotation_id=a.id, source=source,
-                    segmentations=[None if m is None else encode_mask(m) for m in masks],
-                    confidences=[None if m is None else conf for m in masks]))
-        for source, tracks in per_source.items():
-            write_video_rows(raw / "raw", source, vid, rows_from_tracks(tracks, v.height, v.width))
-    return data, raw
 
 
 def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_dice_weight: {uniform: [1.0, 5.0]}\n",
