@@ -60,6 +60,8 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     assert len(trainer_runs) == 4 and set(trainer_runs["status"]) <= {"FINISHED", "KILLED"}  # none left RUNNING
     results = json.loads((out / "sweeps/pmvis-demo-sweep/results.json").read_text())
     assert len(results["trials"]) == 4 and results["space"].endswith("demo.yaml")
+    assert all(t["status"] == "done" for t in results["trials"]), results["trials"]  # errors name their traceback
+    assert set(sweep_runs["status"]) == {"FINISHED"}
     assert (out / "sweeps/pmvis-demo-sweep/best_config.yaml").is_file()
     with open(out / "compare/compare.csv") as f:
         assert len(f.read().strip().splitlines()) == 5  # header + 4 runs
@@ -68,3 +70,21 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     for needle in ("| PM-VIS (pseudo masks) |", "eval_AP", "compare.png", "quality_by_source.png",
                    "mlflow ui --backend-store-uri sqlite:///", "best config:"):
         assert needle in summary and needle in text, needle
+
+
+def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
+    """A sweep trial that failed for good is listed under the trial table with its error and the
+    file holding its whole traceback (the table alone would only say "error")."""
+    from pmvis.jobs.demo import _summary
+    from pmvis.platform.sweep import SweepResult, TrialRow
+
+    rows = [TrialRow("t_00000", "done", {"fuse.mode": "vote"}, 1.5, 4, str(tmp_path / "a")),
+            TrialRow("t_00001", "error", {"fuse.mode": "select"}, None, None, None,
+                     error="RuntimeError: worker died", error_file=str(tmp_path / "t1" / "error.txt"))]
+    sweep = SweepResult(name="sw", sweep_dir=str(tmp_path), restored=False, max_concurrent=2, rows=rows,
+                        best=rows[0], best_config_path=str(tmp_path / "best_config.yaml"), best_trial_path=None,
+                        results_path=str(tmp_path / "results.json"), tracking_uri="sqlite:///x.db", experiment="sw")
+    text = _summary(tmp_path, "| table |", sweep, None, {"plots": []}, "sqlite:///x.db", 60.0)
+    assert "| t_00001 | select | - | - | error |" in text
+    assert f"trial t_00001 failed: RuntimeError: worker died (traceback: {tmp_path / 't1' / 'error.txt'})" in text
+    assert "trial t_00000 failed" not in text
