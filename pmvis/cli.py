@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from pmvis.platform.cluster import use_installed_environment
 from pmvis.platform.errors import PmvisError
 
 # command name -> module under pmvis.jobs (imported lazily: `pmvis --help` must not import Ray/torch)
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_installed_environment()  # before any job imports ray
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

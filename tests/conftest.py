@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from pmvis.platform.cluster import use_installed_environment
+
+use_installed_environment()  # as `pmvis` does, before any test module imports ray
+
 
 def rle(mask: np.ndarray) -> dict:
     r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

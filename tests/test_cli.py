@@ -88,3 +88,19 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
     assert "| t_00001 | select | - | - | error |" in text
     assert f"trial t_00001 failed: RuntimeError: worker died (traceback: {tmp_path / 't1' / 'error.txt'})" in text
     assert "trial t_00000 failed" not in text
+
+
+def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp_path):
+    """The demo's concurrent trainings run in Ray tasks: bad input still surfaces as PmvisError
+    naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
+    from pmvis.jobs.demo import _train_side_by_side
+    from pmvis.platform.errors import PmvisError
+    from pmvis.platform.training import TrainConfig
+
+    missing = tmp_path / "no-such-data"
+    cfg = TrainConfig.tiny(missing, iterations=2, run_name="bad", storage_path=str(tmp_path / "runs"),
+                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(PmvisError) as err:
+        _train_side_by_side([cfg])
+    assert not isinstance(err.value, ray_session.exceptions.RayTaskError)  # Ray subclasses the cause
+    assert str(missing) in str(err.value) and "Traceback" not in str(err.value)

@@ -184,6 +184,24 @@ def _job_entrypoint(data: Path, raw: Path, space: Path, out: Path, tracking_uri:
         f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"), sweep, compare])
 
 
+def test_ray_workers_run_in_the_installed_environment(ray_session):
+    """Not through Ray's `uv run` hook (on when the driver runs under `uv run`, as `.ci/run` does):
+    that hook builds a venv inside each uploaded working dir and starts every worker through uv."""
+    interpreter = ray_session.remote(lambda: sys.executable)
+    assert ray_session.get(interpreter.remote()) == sys.executable
+
+
+def test_pmvis_turns_the_uv_run_hook_off_unless_the_user_set_it(monkeypatch):
+    from pmvis.platform.cluster import UV_RUN_HOOK_ENV, use_installed_environment
+
+    monkeypatch.delenv(UV_RUN_HOOK_ENV, raising=False)
+    use_installed_environment()
+    assert os.environ[UV_RUN_HOOK_ENV] == "0"
+    monkeypatch.setenv(UV_RUN_HOOK_ENV, "1")
+    use_installed_environment()
+    assert os.environ[UV_RUN_HOOK_ENV] == "1"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
@@ -199,8 +217,10 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")}
-    # (PYTEST_CURRENT_TEST switches on MLflow's own test-time checks: the job runs as a user's would.)
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST",
+                        "RAY_ENABLE_UV_RUN_RUNTIME_ENV")}
+    # (PYTEST_CURRENT_TEST switches on MLflow's own test-time checks; the uv-run switch is the one
+    # conftest sets — the job's own `pmvis` must set it: the job runs as a user's would.)
     # Token auth on explicitly, with this test's own token (not ~/.ray/auth_token): the head and
     # every process it starts (the job driver included) read it from RAY_AUTH_TOKEN_PATH.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
@@ -279,6 +299,10 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert f"pmvis sweep {JOB_SWEEP}: {JOB_SWEEP_TRIALS} trials" in logs and "best config:" in logs
         # The job's driver used the head it was submitted to, not a Ray of its own.
         assert "Started a local Ray instance" not in logs, logs[-3000:]
+        # Workers ran in the installed environment, not through `uv run` in the uploaded copy (the
+        # head descends from `uv run pytest` in CI; there the hook built a venv per working dir).
+        for uv_sign in ("Creating virtual environment", "does not match the project environment path"):
+            assert uv_sign not in logs, logs[-3000:]
         from mlflow.tracking import MlflowClient
 
         mlflow_client = MlflowClient(tracking_uri=tracking_uri)

@@ -9,6 +9,20 @@ from pmvis.platform.errors import PmvisError
 # Keep a local Ray small on a laptop: object store sized for masks, not for the whole machine.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never reachable from other machines
+# Ray's `uv run` hook (on by default when a driver runs under `uv run`) re-creates the driver's uv
+# environment inside every uploaded working dir and starts each worker through `uv run`: ~1.5 s
+# more per worker start on 2 cores, a fresh venv per Ray session, and concurrent workers racing to
+# create it. pmvis is installed wherever it runs (`uv sync` here, cluster.yaml's setup commands on
+# a cluster, `--working-dir` for job code), so its commands turn the hook off unless the user set it.
+UV_RUN_HOOK_ENV = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
+
+
+def use_installed_environment() -> None:
+    """Run Ray workers in the installed environment, not through `uv run` (see UV_RUN_HOOK_ENV).
+
+    Ray reads the switch when it is imported: call this before anything imports ray.
+    """
+    os.environ.setdefault(UV_RUN_HOOK_ENV, "0")
 
 
 def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
