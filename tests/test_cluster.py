@@ -217,10 +217,11 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST",
-                        "RAY_ENABLE_UV_RUN_RUNTIME_ENV")}
-    # (PYTEST_CURRENT_TEST switches on MLflow's own test-time checks; the uv-run switch is the one
-    # conftest sets — the job's own `pmvis` must set it: the job runs as a user's would.)
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "PYTEST_CURRENT_TEST")}
+    # (PYTEST_CURRENT_TEST switches on MLflow's own test-time checks: the job runs as a user's would.
+    # The head keeps conftest's RAY_ENABLE_UV_RUN_RUNTIME_ENV=0: it descends from `uv run pytest` in
+    # CI, and its own Ray clients would otherwise start job processes through `uv run`; a cluster's
+    # head, started by cluster.yaml from the installed venv, does not.)
     # Token auth on explicitly, with this test's own token (not ~/.ray/auth_token): the head and
     # every process it starts (the job driver included) read it from RAY_AUTH_TOKEN_PATH.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
@@ -299,8 +300,8 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert f"pmvis sweep {JOB_SWEEP}: {JOB_SWEEP_TRIALS} trials" in logs and "best config:" in logs
         # The job's driver used the head it was submitted to, not a Ray of its own.
         assert "Started a local Ray instance" not in logs, logs[-3000:]
-        # Workers ran in the installed environment, not through `uv run` in the uploaded copy (the
-        # head descends from `uv run pytest` in CI; there the hook built a venv per working dir).
+        # Workers ran in the installed environment, not through `uv run` in the uploaded copy (with
+        # Ray's uv-run hook on, the job's trial workers were started through `uv run`).
         for uv_sign in ("Creating virtual environment", "does not match the project environment path"):
             assert uv_sign not in logs, logs[-3000:]
         from mlflow.tracking import MlflowClient
