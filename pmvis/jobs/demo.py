@@ -280,9 +280,8 @@ def _summary(out: Path, table: str, sweep: Any, comparison: Any, report: dict, t
     if sweep is not None:
         lines += [f"Sweep {sweep.name}: {len(sweep.rows)} trials (eval_AP, best first):", "",
                   _sweep_table(sweep), ""]
-        failed = [r for r in sweep.rows if r.error]
-        lines += [f"trial {r.trial_id} failed: {r.error}" + (f" (traceback: {r.error_file})" if r.error_file else "")
-                  for r in failed] + ([""] if failed else [])
+        failed = [r.failure_line() for r in sweep.rows if r.error]
+        lines += failed + ([""] if failed else [])
         if sweep.best_config_path:
             lines.append(f"best config: {sweep.best_config_path}  (pmvis train --config ...)")
     plots = [str(out / "report" / p) for p in report["plots"]]

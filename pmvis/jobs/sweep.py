@@ -72,10 +72,7 @@ def format_result(result) -> str:
     lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
              + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",
              format_table(result.rows)]
-    for r in result.rows:
-        if r.error:
-            lines.append(f"  trial {r.trial_id} failed: {r.error}"
-                         + (f" (traceback: {r.error_file})" if r.error_file else ""))
+    lines += [f"  {r.failure_line()}" for r in result.rows if r.error]
     if result.best is not None:
         lines.append(f"best trial:  {result.best.trial_id} (eval_AP {result.best.ap:.3f})")
         lines.append(f"best config: {result.best_config_path} (pmvis train --config ...)")

@@ -104,6 +104,13 @@ class TrialRow:
     error: str | None = None  # the last line of the trial's exception
     error_file: str | None = None  # Tune's full traceback of a failed trial
 
+    def failure_line(self) -> str | None:
+        """"trial ID failed: ERROR (traceback: FILE)" for a failed trial, else None."""
+        if not self.error:
+            return None
+        return f"trial {self.trial_id} failed: {self.error}" + (
+            f" (traceback: {self.error_file})" if self.error_file else "")
+
 
 @dataclass
 class SweepResult:
