@@ -392,6 +392,26 @@ def test_tk_reused_across_layers_and_float32():
                                tk_loss(logits, boxes, aff).float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("frames,pairs", [(3, None), (5, "cyclic"), (3, [(2, 0), (1, 2)])])
+def test_tk_pair_affinity_is_the_two_frame_clip_of_that_pair(frames, pairs):
+    """``TKAffinity.pair_affinity(p)`` = the affinity of the 2-frame clip (a, b) with pairs ((0, 1),),
+    and Σ over pairs of the loss on each pair's 2-frame logits (U from the whole clip) = the loss."""
+    lab, logits, boxes = _tk_inputs(3, frames, seed=21)
+    aff = tk_affinity(lab, cyclic=True) if pairs == "cyclic" else tk_affinity(lab, pairs=pairs)
+    union = boxes.amax(1, keepdim=True).expand(-1, 2, -1, -1)
+    total = 0.0
+    for p, (a, b) in enumerate(aff.pairs):
+        sub = aff.pair_affinity(p)
+        alone = tk_affinity(lab[[a, b]], pairs=[(0, 1)])
+        assert sub.pairs == ((0, 1),) and sub.frames == 2 and (sub.height, sub.width) == (aff.height, aff.width)
+        for name in ("candidates", "matches", "src", "dst", "pair_index"):
+            assert torch.equal(getattr(sub, name), getattr(alone, name)), name
+        total = total + tk_loss(logits[:, [a, b]], union, sub)
+    torch.testing.assert_close(total, tk_loss(logits, boxes, aff), **TOL)
+    with pytest.raises(IndexError):
+        aff.pair_affinity(len(aff.pairs))
+
+
 def test_tk_edge_cases():
     lab, logits, boxes = _tk_inputs(3, 3, seed=2)
     aff = tk_affinity(lab)

@@ -13,6 +13,7 @@ from pmvis.models.vis import (
     build_model, dynamic_k_assign, lab_images, mask_targets, ms_deform_attn, ms_deform_attn_naive,
     normalize_images, valid_masks,
 )
+from pmvis.kernels import tk_affinity, tk_loss
 from pmvis.models.vis.boxes import xyxy_to_cxcywh
 from pmvis.models.vis.matcher import DynamicKMatcher
 from pmvis.models.vis.tracking_loss import negative_boundary, tracking_losses
@@ -321,6 +322,78 @@ def test_criterion_handles_absent_instances_and_key_frame_only(clip):
     with pytest.raises(ValueError, match="gt_masks"):
         VISCriterion(LossConfig(mode="full", loss_frames="all"))(
             model(normalize_images(images)), [targets], model.mask_logits)
+
+
+def three_frame_clip() -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw_clip`'s two frames + frame 0 shifted by (3, 2) px as frame 2: (3, 3, S, S), masks."""
+    images, masks = draw_clip()
+    return (torch.cat([images, images[:1].roll((3, 2), dims=(-2, -1))]),
+            torch.cat([masks, masks[:1].roll((3, 2), dims=(-2, -1))]))
+
+
+def _tk_by_hand(model: IDOL, crit: VISCriterion, out, images: torch.Tensor, targets: list[FrameTargets],
+                lid: int) -> torch.Tensor:
+    """TK-Loss of one clip at layer ``lid``: per pair (a, b), only the instances present and matched
+    in both frames, each frame's logits from that frame's own primary query, U = the union of the
+    instance's box masks over the whole clip, the pair's matches from the 2-frame clip (a, b)."""
+    lab = torch.stack([f.images_lab for f in targets])
+    primary = []
+    for t, f in enumerate(targets):
+        m = crit.matcher(out.logits[lid, t], out.boxes[lid, t], f.labels, f.boxes)
+        primary.append({int(u): int(m.primary[g]) for g, u in enumerate(f.instance_ids.tolist())})
+    uids = sorted(set().union(*primary))
+    union = {u: torch.stack([f.box_masks[f.instance_ids.tolist().index(u)] for f in targets
+                             if u in f.instance_ids.tolist()]).amax(0) for u in uids}
+    total = torch.zeros(())
+    for a, b in tk_affinity(lab).pairs:
+        both = [u for u in uids if primary[a].get(u, -1) >= 0 and primary[b].get(u, -1) >= 0]
+        if not both:
+            continue
+        logits = torch.stack([model.mask_logits(out, lid, a, torch.tensor([primary[a][u] for u in both])),
+                              model.mask_logits(out, lid, b, torch.tensor([primary[b][u] for u in both]))], 1)
+        u_masks = torch.stack([union[u] for u in both])[:, None].expand(-1, 2, -1, -1)
+        total = total + tk_loss(logits, u_masks, tk_affinity(lab[[a, b]], pairs=[(0, 1)]))
+    return total
+
+
+def test_tk_pairs_only_instances_present_and_matched_in_both_frames():
+    """IDOL's queries are per frame: an instance absent from a frame has no prediction there, so it
+    takes part only in the pairs of frames where it is present (and matched) in both."""
+    images, masks = three_frame_clip()
+    targets = clip_targets(images, masks)
+    f = targets[1]  # the disc (id 2) is absent from frame 1: it counts in pair (0, 2) only
+    targets[1] = FrameTargets(labels=f.labels[:1], boxes=f.boxes[:1], instance_ids=f.instance_ids[:1],
+                              box_masks=f.box_masks[:1], images_lab=f.images_lab, valid=f.valid)
+    model = tiny_model().eval()
+    crit = VISCriterion(LossConfig(mode="boxinst", tk=True))
+    with torch.no_grad():
+        out = model(normalize_images(images))
+        losses = crit(out, [targets], model.mask_logits, iteration=0)
+        for lid in range(out.num_layers):
+            name = "tk" if lid == out.num_layers - 1 else f"tk_{lid}"
+            torch.testing.assert_close(losses[name], _tk_by_hand(model, crit, out, images, targets, lid),
+                                       rtol=1e-5, atol=1e-7)
+
+
+def test_tk_with_every_instance_everywhere_is_the_clip_loss():
+    """Every instance present and matched in every frame: the per-pair sum is the TK-Loss of the
+    whole clip's (N, T) logits (:func:`tk_loss` over all pairs at once)."""
+    images, masks = three_frame_clip()
+    targets = clip_targets(images, masks)
+    model = tiny_model().eval()
+    crit = VISCriterion(LossConfig(mode="boxinst", tk=True))
+    with torch.no_grad():
+        out = model(normalize_images(images))
+        losses = crit(out, [targets], model.mask_logits, iteration=0)
+        lid = out.num_layers - 1
+        queries = [crit.matcher(out.logits[lid, t], out.boxes[lid, t], f.labels, f.boxes).primary
+                   for t, f in enumerate(targets)]
+        assert all((q >= 0).all() for q in queries)
+        logits = torch.stack([model.mask_logits(out, lid, t, q) for t, q in enumerate(queries)], 1)
+        boxes = torch.stack([f.box_masks for f in targets], 1)
+        whole = tk_loss(logits, boxes, tk_affinity(torch.stack([f.images_lab for f in targets])))
+    assert whole > 0
+    torch.testing.assert_close(losses["tk"], whole, rtol=1e-6, atol=1e-8)
 
 
 def test_gradients_reach_every_part_of_the_model(clip):

@@ -61,6 +61,27 @@ class TKAffinity:
     def num_matches(self) -> int:
         return int(self.src.numel())
 
+    def pair_affinity(self, p: int) -> "TKAffinity":
+        """The matches of pair ``p`` = (a, b) alone, as the affinity of the 2-frame clip (a, b):
+        ``frames=2``, ``pairs=((0, 1),)``, frame a renumbered 0 and frame b 1 in ``src`` / ``dst``.
+
+        It equals :func:`tk_affinity` of ``images_lab[[a, b]]`` with ``pairs=[(0, 1)]``, so
+        :func:`tk_loss` can evaluate one pair on ``(N, 2, H, W)`` logits (frame a, frame b) — for a
+        subset of instances per pair — with the fused kernels unchanged.
+        """
+        if not 0 <= p < len(self.pairs):
+            raise IndexError(f"pair {p} out of range for {len(self.pairs)} pairs")
+        a, b = self.pairs[p]
+        hw = self.height * self.width
+        keep = self.pair_index == p
+        src, dst = self.src[keep], self.dst[keep]
+        return TKAffinity(
+            pairs=((0, 1),), frames=2, height=self.height, width=self.width, patch_size=self.patch_size,
+            window=self.window, dilation=self.dilation, k=self.k, threshold=self.threshold,
+            candidates=self.candidates[p:p + 1], matches=self.matches[p:p + 1],
+            src=src - (b - 1) * hw, dst=dst - a * hw, pair_index=torch.zeros_like(self.pair_index[keep]),
+        )
+
 
 def default_pairs(frames: int, cyclic: bool = False) -> tuple[tuple[int, int], ...]:
     """Every (a, b) with a < b; or the cycle (0,1), (1,2), …, (T−1, 0) (MaskFreeVIS's 5-frame variant)."""

@@ -14,11 +14,17 @@ Per decoder layer, each supervised image is matched on its own (dynamic-k, :mod:
   ``pseudo_dice`` over the pairs whose GT has a pseudo mask (weight > 0), optionally weighted by
   the quality; ``full``: ``mask_focal`` / ``mask_dice`` against the GT masks. Focal/dice
   normalisation is :func:`pmvis.kernels.pseudo_mask_loss`'s.
-* ``tk`` (when enabled): per clip the matches are found once (:func:`tk_affinity`, no grad), and
-  each layer's loss is :func:`tk_loss` of the clip's instances' (N, T) mask logits, averaged over
-  clips. An instance's logits in frame t come from its primary (cheapest matched) query in t; in a
-  frame where it is absent (or unmatched) from its primary query in the first frame where it is
-  matched — with a zero box mask there when absent.
+* ``tk`` (when enabled): per clip the matches are found once (:func:`tk_affinity`, no grad) and
+  split by frame pair (:meth:`TKAffinity.pair_affinity`). IDOL's queries are per frame, so an
+  instance has a prediction only in the frames where it is present and matched: each layer's loss
+  of a clip is Σ over its pairs (a, b) of :func:`tk_loss` on the instances present and matched in
+  both a and b, with the logits of frame a from the instance's primary (cheapest matched) query in
+  a and those of frame b from its primary query in b; an (instance, pair) with the instance
+  absent or unmatched in a or b is left out. The weight U of an instance stays the union of its
+  box masks over all the clip's frames (MaskFreeVIS). Each pair's term is normalised over its own
+  instances (Σ loss·w / max(Σ w, 1)), so with every instance present everywhere this is the
+  TK-Loss of the clip's (N, T) logits. Averaged over the clips that have at least one such
+  (instance, pair).
 * ``track`` / ``track_aux``: last layer only, key frame t=0 vs reference frame t=1
   (:mod:`.tracking_loss`); needs T ≥ 2, else not computed.
 """
@@ -31,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmvis.kernels import pairwise_loss, projection_loss, pseudo_mask_loss, tk_affinity, tk_loss, warmup_factor
+from pmvis.kernels import (
+    TKAffinity, pairwise_loss, projection_loss, pseudo_mask_loss, tk_affinity, tk_loss, warmup_factor,
+)
 from pmvis.kernels.pseudo import sigmoid_focal_loss
 
 from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou
@@ -95,18 +103,20 @@ class VISCriterion(nn.Module):
                                                          flat[b * frames + t].labels, flat[b * frames + t].boxes)
                             for b in range(b_clips) for t in sorted(wanted)})
         supervised = [b * frames + t for b in range(b_clips) for t in sup_frames]
-        affinities = None
+        affinities = pair_affinities = None
         if cfg.tk:
             affinities = [tk_affinity(torch.stack([f.images_lab for f in clip]), cyclic=cfg.tk_cyclic,
                                       patch_size=cfg.tk_patch_size, window=cfg.tk_window, dilation=cfg.tk_dilation,
                                       k=cfg.tk_k, threshold=cfg.tk_threshold) for clip in clips]
+            pair_affinities = [[aff.pair_affinity(p) for p in range(len(aff.pairs))] for aff in affinities]
         terms: dict[str, torch.Tensor] = {}
         total = output.logits.sum() * 0.0
         for lid in range(layers):
             suffix = "" if lid == layers - 1 else f"_{lid}"
             layer_terms = self._frame_losses(output, lid, supervised, flat, matches[lid], mask_logits_fn)
             if affinities is not None:
-                layer_terms["tk"] = self._tk(output, lid, clips, matches[lid], affinities, mask_logits_fn)
+                layer_terms["tk"] = self._tk(output, lid, clips, matches[lid], affinities, pair_affinities,
+                                             mask_logits_fn)
             for name, value in layer_terms.items():
                 terms[name + suffix] = value
                 total = total + self.weight(name, iteration) * value
@@ -191,36 +201,53 @@ class VISCriterion(nn.Module):
                                  focal_weight=1.0, dice_weight=1.0, return_terms=True)
         return terms["focal"], terms["dice"]
 
-    def _tk(self, output, lid, clips, matches, affinities, mask_logits_fn) -> torch.Tensor:
+    def _tk(self, output: VISOutput, lid: int, clips: list[list[FrameTargets]], matches: dict[int, Match],
+            affinities: list[TKAffinity], pair_affinities: list[list[TKAffinity]],
+            mask_logits_fn: MaskLogitsFn) -> torch.Tensor:
+        """TK-Loss of layer ``lid``: per clip, Σ over its pairs p = (a, b) of :func:`tk_loss` on the
+        instances present and matched in both a and b (``pair_affinities[b][p]``: the pair's 2-frame
+        affinity, :meth:`TKAffinity.pair_affinity`), averaged over the clips with at least one such
+        (instance, pair)."""
         frames = len(clips[0])
+        size = output.mask_size
+        dev = output.mask_features.device
         losses = []
         for b, clip in enumerate(clips):
-            index = [{int(u): g for g, u in enumerate(f.instance_ids.tolist())} for f in clip]
-            uids = sorted(set().union(*index))
-            batch_idx, query_idx, boxes = [], [], []
-            for u in uids:
-                per_frame = []
-                for t, f in enumerate(clip):
-                    g = index[t].get(u)
-                    q = int(matches[b * frames + t].primary[g]) if g is not None else -1
-                    per_frame.append((g, q))
-                fallback = next((q for _, q in per_frame if q >= 0), -1)
-                if fallback < 0:
-                    continue
-                for t, (g, q) in enumerate(per_frame):
-                    batch_idx.append(b * frames + t)
-                    query_idx.append(q if q >= 0 else fallback)
-                    boxes.append(clip[t].box_masks[g] if g is not None
-                                 else output.mask_features.new_zeros(output.mask_size))
-            if not query_idx:
+            # per frame: instance id → (GT row, primary query in this frame, −1 when unmatched)
+            present = [{int(u): (g, int(matches[b * frames + t].primary[g]))
+                        for g, u in enumerate(f.instance_ids.tolist())} for t, f in enumerate(clip)]
+
+            def matched(t: int, u: int) -> bool:
+                return present[t].get(u, (None, -1))[1] >= 0
+
+            per_pair = []  # (p, a, b, instance ids present and matched in frames a and b)
+            for p, (a, c) in enumerate(affinities[b].pairs):
+                both = [u for u in sorted(present[a]) if matched(a, u) and matched(c, u)]
+                if both:
+                    per_pair.append((p, a, c, both))
+            if not per_pair:
                 continue
-            dev = output.mask_features.device
-            logits = mask_logits_fn(output, lid, torch.tensor(batch_idx, device=dev),
-                                    torch.tensor(query_idx, device=dev))
-            n = len(query_idx) // frames
-            logits = logits.view(n, frames, *output.mask_size)
-            box_masks = torch.stack(boxes).view(n, frames, *output.mask_size).to(logits.dtype)
-            losses.append(tk_loss(logits, box_masks, affinities[b]))
+            # one mask-logit row per (frame, instance) used by some pair, from that frame's own query
+            rows: dict[tuple[int, int], int] = {}
+            for _, a, c, both in per_pair:
+                for key in [(a, u) for u in both] + [(c, u) for u in both]:
+                    rows.setdefault(key, len(rows))
+            batch_idx = torch.tensor([b * frames + t for t, _ in rows], device=dev)
+            query_idx = torch.tensor([present[t][u][1] for t, u in rows], device=dev)
+            logits = mask_logits_fn(output, lid, batch_idx, query_idx)
+            # U: the union over the clip's frames of each instance's box masks (zero where absent)
+            union: dict[int, torch.Tensor] = {}
+            for t, frame in enumerate(present):
+                for u, (g, _) in frame.items():
+                    box = clip[t].box_masks[g]
+                    union[u] = box if u not in union else torch.maximum(union[u], box)
+            total = None
+            for p, a, c, both in per_pair:
+                pair_logits = torch.stack([logits[[rows[a, u] for u in both]], logits[[rows[c, u] for u in both]]], 1)
+                u_masks = torch.stack([union[u] for u in both]).to(logits.dtype)[:, None].expand(-1, 2, *size)
+                term = tk_loss(pair_logits, u_masks, pair_affinities[b][p])
+                total = term if total is None else total + term
+            losses.append(total)
         if not losses:
             return output.mask_params[lid].sum() * 0.0
         return torch.stack(losses).mean()
