@@ -284,20 +284,56 @@ def test_criterion_every_mode_gives_finite_losses_and_gradients(clip, mode, tk):
 def test_criterion_total_is_the_weighted_sum_with_warmups(clip):
     images, _, targets = clip
     model = tiny_model()
-    cfg = LossConfig(mode="pmvis", tk=True, pairwise_warmup_iters=100, tk_warmup_iters=200)
+    cfg = LossConfig(mode="pmvis", tk=True, pairwise_warmup_iters=100, tk_warmup_calls=400)
     crit = VISCriterion(cfg)
     with torch.no_grad():
         out = model(normalize_images(images))
         losses = crit(out, targets, model.mask_logits, iteration=50)
+    layers = out.num_layers
     expected = 0.0
     for name, value in losses.items():
         if name == "loss":
             continue
-        base = name.rsplit("_", 1)[0] if name[-1].isdigit() else name
-        expected += crit.weight(base, 50) * value.item()
+        base, _, suffix = name.rpartition("_") if name.rpartition("_")[2].isdigit() else (name, "", "")
+        lid = int(suffix) if suffix else layers - 1
+        expected += crit.weight(base, 50, layer=lid, num_layers=layers) * value.item()
     assert crit.weight("pairwise", 50) == pytest.approx(0.5 * cfg.pairwise_weight)
-    assert crit.weight("tk", 50) == pytest.approx(0.25 * cfg.tk_weight)
+    # TK warm-up in loss calls: iteration 50 of 2 layers = calls 101 (last layer) and 102 (layer 0)
+    assert crit.weight("tk", 50, layer=1, num_layers=2) == pytest.approx(101 / 400 * cfg.tk_weight)
+    assert crit.weight("tk", 50, layer=0, num_layers=2) == pytest.approx(102 / 400 * cfg.tk_weight)
     assert losses["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_tk_warmup_counts_loss_calls_as_maskfreevis(clip):
+    """MaskFreeVIS warms the TK term up over 2,000 calls of its mask loss, one call per decoder
+    layer and iteration (last layer first): call c = i·L + 1 for the last layer of iteration i,
+    i·L + l + 2 for layer l < L − 1; factor min(c / 2000, 1)."""
+    images, _, targets = clip
+    model = tiny_model()
+    layers = model.cfg.dec_layers
+    assert layers == 2
+    with torch.no_grad():
+        out = model(normalize_images(images))
+        for iteration in (10, 999, 1000):
+            on = VISCriterion(LossConfig(mode="boxinst", tk=True))(out, targets, model.mask_logits,
+                                                                    iteration=iteration)
+            off = VISCriterion(LossConfig(mode="boxinst", tk=True, tk_weight=0.0))(out, targets, model.mask_logits,
+                                                                                    iteration=iteration)
+            calls = [iteration * layers + (1 if lid == layers - 1 else lid + 2) for lid in range(layers)]
+            expected = sum(0.5 * min(c / 2000, 1.0) * on["tk" if lid == layers - 1 else f"tk_{lid}"].item()
+                           for lid, c in enumerate(calls))
+            assert (on["loss"] - off["loss"]).item() == pytest.approx(expected, rel=1e-4, abs=1e-6), iteration
+    crit = VISCriterion(LossConfig(tk=True))
+    assert crit.cfg.tk_warmup_calls == 2000
+    # IDOL's 6 decoder layers: iteration 0 makes calls 1 (last layer), 2..6 (layers 0..4)
+    assert [crit.tk_warmup_call(0, lid, 6) for lid in range(6)] == [2, 3, 4, 5, 6, 1]
+    assert crit.tk_warmup_call(333, 5, 6) == 333 * 6 + 1
+    assert crit.weight("tk", 333, layer=5, num_layers=6) == pytest.approx(0.5 * (333 * 6 + 1) / 2000)
+    assert crit.weight("tk", 334, layer=0, num_layers=6) == 0.5  # call 2006: warmed up after ~334 iterations
+    with pytest.raises(ValueError, match="num_layers"):
+        crit.weight("tk", 10)
+    with pytest.raises(ValueError, match="tk_warmup_calls"):
+        LossConfig(tk_warmup_iters=2000)
 
 
 def test_criterion_handles_absent_instances_and_key_frame_only(clip):

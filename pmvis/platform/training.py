@@ -147,7 +147,7 @@ class TrainConfig(StrictConfig):
         ``overrides`` are merged into the values (nested dicts key by key)."""
         values: dict[str, Any] = {
             "model": ModelConfig.tiny(num_classes=TINY_NUM_CLASSES).model_dump(mode="json"),
-            "loss": {"pairwise_warmup_iters": 50, "tk_warmup_iters": 50},
+            "loss": {"pairwise_warmup_iters": 50, "tk_warmup_calls": 100},  # TK: 50 iterations × 2 layers
             "data": {"data_dir": str(data_dir), "short_side": None, "max_size": None, "val_fraction": 0.34},
             "iterations": 20, "batch_size": 2, "lr": 1e-3, "backbone_lr_mult": 1.0, "lr_steps": [15],
             "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 2,

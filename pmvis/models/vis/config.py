@@ -158,13 +158,24 @@ class LossConfig(StrictConfig):
     tk_k: int = 5
     tk_threshold: float = 0.05
     tk_cyclic: bool = False
-    tk_warmup_iters: int = 2000  # MaskFreeVIS counts loss calls; here training iterations
+    # Linear warm-up of the TK term over this many TK-loss calls, counted as MaskFreeVIS counts
+    # them: one call per decoder layer and iteration (VISCriterion.tk_warmup_call), so MaskFreeVIS's
+    # 2,000 calls last 2000 / dec_layers iterations (~334 with IDOL's 6 layers). 0: no warm-up.
+    tk_warmup_calls: int = Field(2000, ge=0)
     # --- contrastive tracking (IDOL): key frame t=0 vs reference frame t=1
     track_weight: float = 2.0
     track_aux_weight: float = 3.0
     # negatives: reference queries ranked (by matching cost) outside the top min(track_neg_topk,
     # ⌈Q / 3⌉) for the instance — IDOL's top-100 of 300 queries, scaled down for fewer queries
     track_neg_topk: int = Field(100, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tk_warmup_iters" in data:
+            raise ValueError("tk_warmup_iters is now tk_warmup_calls and counts TK-loss calls, one per decoder "
+                             "layer and iteration (as MaskFreeVIS): an old value × dec_layers keeps its length")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -24,7 +24,8 @@ Per decoder layer, each supervised image is matched on its own (dynamic-k, :mod:
   box masks over all the clip's frames (MaskFreeVIS). Each pair's term is normalised over its own
   instances (Σ loss·w / max(Σ w, 1)), so with every instance present everywhere this is the
   TK-Loss of the clip's (N, T) logits. Averaged over the clips that have at least one such
-  (instance, pair).
+  (instance, pair). Warmed up over ``tk_warmup_calls`` loss calls counted as MaskFreeVIS counts
+  them, one per decoder layer and iteration (:meth:`VISCriterion.tk_warmup_call`).
 * ``track`` / ``track_aux``: last layer only, key frame t=0 vs reference frame t=1
   (:mod:`.tracking_loss`); needs T ≥ 2, else not computed.
 """
@@ -56,15 +57,39 @@ class VISCriterion(nn.Module):
         self.cfg = cfg
         self.matcher = DynamicKMatcher.from_config(cfg)
 
-    def weight(self, term: str, iteration: int) -> float:
-        """The weight of a term (layer suffix removed), warm-up factors included."""
+    @staticmethod
+    def tk_warmup_call(iteration: int, layer: int, num_layers: int) -> int:
+        """The TK warm-up counter (1-based) of decoder layer ``layer`` of ``num_layers`` at the 0-based
+        training ``iteration``, as MaskFreeVIS counts it.
+
+        MaskFreeVIS (``mask2former_video/modeling/criterion.py``, ``VideoSetCriterion``) increments a
+        buffer ``_iter`` by 1 at the start of every ``loss_masks_proj`` call and multiplies the TK
+        terms of that call by min(_iter / 2000, 1). Its ``forward`` calls it once per decoder
+        prediction per iteration: first for the last layer, then for the auxiliary layers in order.
+        So with L layers the call is i·L + 1 for the last layer of iteration i and i·L + l + 2 for
+        layer l < L − 1.
+        """
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer must be in 0..{num_layers - 1}, got {layer}")
+        return max(iteration, 0) * num_layers + (1 if layer == num_layers - 1 else layer + 2)
+
+    def weight(self, term: str, iteration: int, *, layer: int | None = None, num_layers: int | None = None) -> float:
+        """The weight of a term (layer suffix removed) at 0-based ``iteration``, warm-ups included.
+
+        ``pairwise``: × min(iteration / pairwise_warmup_iters, 1) (BoxInst). ``tk``: ×
+        min(c / tk_warmup_calls, 1) with c = :meth:`tk_warmup_call` (``iteration``, ``layer``,
+        ``num_layers``) — MaskFreeVIS's count of loss calls; ``layer`` and ``num_layers`` are needed.
+        """
         c = self.cfg
+        if term == "tk":
+            if layer is None or num_layers is None:
+                raise ValueError("the TK warm-up counts loss calls per decoder layer: give layer and num_layers")
+            return c.tk_weight * warmup_factor(self.tk_warmup_call(iteration, layer, num_layers), c.tk_warmup_calls)
         weights = {
             "class": c.class_weight, "l1": c.l1_weight, "giou": c.giou_weight, "proj": c.projection_weight,
             "pairwise": c.pairwise_weight * warmup_factor(iteration, c.pairwise_warmup_iters),
             "pseudo_focal": c.pseudo_focal_weight, "pseudo_dice": c.pseudo_dice_weight,
             "mask_focal": c.mask_focal_weight, "mask_dice": c.mask_dice_weight,
-            "tk": c.tk_weight * warmup_factor(iteration, c.tk_warmup_iters),
             "track": c.track_weight, "track_aux": c.track_aux_weight,
         }
         return weights[term]
@@ -119,7 +144,7 @@ class VISCriterion(nn.Module):
                                              mask_logits_fn)
             for name, value in layer_terms.items():
                 terms[name + suffix] = value
-                total = total + self.weight(name, iteration) * value
+                total = total + self.weight(name, iteration, layer=lid, num_layers=layers) * value
         if track:
             terms["track"], terms["track_aux"] = self._track(output, clips, matches[-1])
             total = total + self.weight("track", iteration) * terms["track"] \
