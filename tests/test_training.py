@@ -230,7 +230,7 @@ def test_config_overrides_and_cli_help(data_dir, capsys):
     cfg = build_train_config(None, [f"data.data_dir={data_dir}", "model.hidden_dim=64", "iterations=7",
                                     "data.short_side=[32, 48]"], preset="tiny")
     assert cfg.model.hidden_dim == 64 and cfg.iterations == 7 and cfg.data.short_side == (32, 48)
-    assert cfg.model.backbone == "resnet18" and cfg.use_gpu is False
+    assert cfg.model.backbone == "regnetx_004" and cfg.use_gpu is False
     assert TrainConfig(data={"data_dir": "x"}).model.backbone == "resnet50"  # the paper preset
     with pytest.raises(PmvisError, match="model.hidden_dimm"):
         build_train_config(None, [f"data.data_dir={data_dir}", "model.hidden_dimm=64"])
@@ -251,13 +251,40 @@ def _mlflow_runs(tracking_uri, experiment):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+def _progress_lines(run_name):
+    """(world rank, message) of a run's progress lines, from Ray Train's worker log files (JSON
+    records; the session's Ray does not forward worker output to this process)."""
+    import glob
+
+    logs = os.path.join(_ray_session_dir(), "logs", "train")
+    out = []
+    for path in sorted(glob.glob(os.path.join(logs, "ray-train-app-worker-*.log"))):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        out += [(r.get("world_rank"), r["message"]) for r in records
+                if r.get("run_name") == run_name and " iter: " in r.get("message", "")]
+    return out
+
+
+def _ray_session_dir():
+    import ray
+
+    return ray._private.worker._global_node.get_session_dir_path()
+
+
 def test_two_workers_train_checkpoint_log_then_resume_with_the_same_name(ray_session, data_dir, tmp_path,
                                                                          tracking_uri):
     from mlflow.tracking import MlflowClient
 
     common = dict(run_name="two", storage_path=str(tmp_path / "runs"), tracking_uri=tracking_uri,
-                  experiment="two-workers", batch_size=1, checkpoint_every=2, log_every=1)
+                  experiment="two-workers", batch_size=1, checkpoint_every=2, log_every=1, print_every=3)
     r = run_training(tiny(data_dir, iterations=4, num_workers=2, eval_every=2, **common))
+    # One progress line every print_every iterations and after the last, from rank 0 only.
+    lines = _progress_lines("two")
+    assert [rank for rank, _ in lines] == [0, 0], lines
+    assert "] eta: " in lines[0][1] and " iter: 3/4  it/s: " in lines[0][1] and " iter: 4/4 " in lines[1][1]
+    assert lines[0][1].startswith("[two] ") and " total_loss: " in lines[0][1] and " lr: 1.0e-03" in lines[0][1]
+    assert " class: " in lines[0][1] and "class_0" not in lines[0][1]
     assert (r.start_iteration, r.iteration) == (0, 4)
     assert r.checkpoint.endswith("checkpoint_00000004") and os.path.isfile(os.path.join(r.checkpoint, "checkpoint.pt"))
     assert latest_checkpoint(r.run_dir) == r.checkpoint
@@ -281,6 +308,7 @@ def test_two_workers_train_checkpoint_log_then_resume_with_the_same_name(ray_ses
     assert again.checkpoint.endswith("checkpoint_00000006")
     assert again.mlflow_run_id == r.mlflow_run_id and len(_mlflow_runs(tracking_uri, "two-workers")) == 1
     assert [m.step for m in client.get_metric_history(r.mlflow_run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.split(" iter: ")[1].split()[0] for _, m in _progress_lines("two")] == ["3/4", "4/4", "6/6"]
 
     with pytest.raises(PmvisError, match=r"checkpoint_00000006.*different model config.*hidden_dim"):
         run_training(tiny(data_dir, iterations=8, model={"hidden_dim": 64}, **common))
@@ -294,6 +322,18 @@ def test_a_gpu_request_on_a_cpu_cluster_is_refused_up_front(ray_session, data_di
         check_resources(tiny(data_dir, use_gpu=True))
     with pytest.raises(PmvisError, match="3 workers need 3 CPUs"):
         check_resources(tiny(data_dir, num_workers=3))
+
+
+def test_a_pmvis_error_in_a_worker_surfaces_as_itself(ray_session, data_dir, tmp_path, tracking_uri):
+    """A bad input found only in a worker ends the run with that PmvisError's message, with Ray
+    Train's console chatter turned down (pmvis.platform.ray_logs)."""
+    cfg = tiny(data_dir, iterations=2, batch_size=1, run_name="worker-error", experiment="worker-error",
+               storage_path=str(tmp_path / "runs"), tracking_uri=tracking_uri, max_failures=0,
+               debug={"fail_at_iteration": 0, "fail_mode": "error"})
+    with pytest.raises(PmvisError, match=r"^debug: injected error at iteration 0 on rank 0$"):
+        run_training(cfg)
+    runs = _mlflow_runs(tracking_uri, "worker-error")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 @pytest.mark.slow

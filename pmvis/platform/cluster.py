@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from pmvis.platform.errors import PmvisError
+from pmvis.platform.ray_logs import install_driver_log_filters, job_runtime_env
 
 # Keep a local Ray small on a laptop: object store sized for masks, not for the whole machine.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
@@ -39,13 +40,17 @@ def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
     # placement group of a training whose driver was killed (a Tune trial stopped by ASHA);
     # without it those CPUs stay reserved and later trials wait forever.
     kwargs: dict = {"include_dashboard": True, "dashboard_host": LOCAL_DASHBOARD_HOST, "log_to_driver": True}
+    # Every worker process of this job filters a known transient warning (pmvis.platform.ray_logs).
+    job_env = {"runtime_env": job_runtime_env()}
+    install_driver_log_filters()
     try:
         if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS") and not _running_cluster()):
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs,
+                     **job_env)
         elif address == "auto":
-            ray.init(address="auto" if not os.environ.get("RAY_ADDRESS") else None)
+            ray.init(address="auto" if not os.environ.get("RAY_ADDRESS") else None, **job_env)
         else:
-            ray.init(address=address)
+            ray.init(address=address, **job_env)
     except ConnectionError as e:
         raise PmvisError(f"cannot connect to Ray at {address!r}: {e}") from None
 

@@ -35,7 +35,9 @@ so Ray does not burn ``max_failures`` retries on a deterministic divergence.
 MLflow (rank 0 and the driver only; DESIGN §6: no MLflowLoggerCallback on a Train V2 RunConfig):
 params = the whole config flattened; metrics every ``log_every`` iterations = every loss term,
 ``lr``, ``lr_backbone``, ``it_per_s``; ``eval_*`` metrics; artifacts = ``config.yaml`` and the final
-``evaluation.json``.
+``evaluation.json``. Console: every ``print_every`` iterations rank 0 logs one progress line (ETA,
+speed, main loss terms, lr; :mod:`pmvis.platform.progress`); Ray Train's own INFO chatter is kept
+off the console (:mod:`pmvis.platform.ray_logs`).
 
 Decisions (DESIGN §4.3/§4.4): AdamW lr 1e-4, backbone ×0.1, weight decay 1e-4 (Deformable DETR /
 IDOL), gradient clipping of the whole model's L2 norm at 0.01 (IDOL's configs: CLIP_TYPE full_model,
@@ -62,6 +64,7 @@ from pydantic import Field, field_validator, model_validator
 from pmvis.models.vis.config import LossConfig, ModelConfig
 from pmvis.platform.config import StrictConfig, build_config, dump_config
 from pmvis.platform.errors import PmvisError
+from pmvis.platform.progress import ProgressPrinter
 from pmvis.platform.vis_data import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ class DebugConfig(StrictConfig):
     # Kill (os._exit) or raise in the worker of world rank ``fail_rank`` when it reaches this iteration.
     fail_at_iteration: int | None = None
     fail_rank: int = 0
-    fail_mode: Literal["exit", "raise"] = "exit"
+    fail_mode: Literal["exit", "raise", "error"] = "exit"  # error: a PmvisError (a deterministic bad input)
     # Fail only while this file does not exist (it is created just before failing): fail once.
     fail_marker: str | None = None
     # Sleep this long before failing. Ray Train V2's controller takes in a worker's reports when it
@@ -108,6 +111,7 @@ class TrainConfig(StrictConfig):
     keep_checkpoints: int = Field(3, ge=1)
     eval_every: int = Field(0, ge=0)  # evaluate the held-out videos every N iterations; 0 = only at the end
     log_every: int = Field(20, ge=1)  # MLflow metrics every N iterations
+    print_every: int = Field(20, ge=0)  # a progress line on the console every N iterations (rank 0); 0 = none
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)  # also torch's thread count on a CPU worker
     use_gpu: bool = False  # one GPU per worker; never on by default (a GPU request on a CPU cluster waits forever)
@@ -243,7 +247,7 @@ class TrainingLoop:
         import torch
 
         from pmvis.models.vis import VISCriterion, build_model
-        from pmvis.platform.vis_data import ClipSampler, load_training_data
+        from pmvis.platform.vis_data import build_sampler, load_training_data
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
@@ -251,7 +255,7 @@ class TrainingLoop:
         self.data = data if data is not None else load_training_data(
             cfg.data, num_classes=cfg.model.num_classes, need_gt_masks=need_gt, need_pseudo=need_pseudo,
             load_eval=rank == 0)
-        self.sampler = ClipSampler(
+        self.sampler = build_sampler(
             self.data, cfg.data, batch_size=cfg.batch_size, stride=cfg.model.mask_stride, seed=cfg.seed, rank=rank,
             world_size=world_size, need_gt_masks=need_gt, need_pseudo=need_pseudo,
             pseudo_quality_weighting=cfg.loss.pseudo_quality_weighting,
@@ -470,6 +474,8 @@ def _maybe_fail(debug: DebugConfig, iteration: int, rank: int) -> None:
     time.sleep(debug.fail_delay_s)
     if debug.fail_mode == "exit":
         os._exit(1)
+    if debug.fail_mode == "error":
+        raise PmvisError(f"debug: injected error at iteration {iteration} on rank {rank}")
     raise RuntimeError(f"debug: injected failure at iteration {iteration} on rank {rank}")
 
 
@@ -485,7 +491,9 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
     import torch
 
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
+    from pmvis.platform.ray_logs import install_train_worker_log_filters
 
+    install_train_worker_log_filters()
     cfg = TrainConfig.model_validate(config["train_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -539,6 +547,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
                 mlf.log(_eval_metrics(evaluation), step=start)
             ray.train.report({"iteration": start, **_eval_metrics(evaluation)})
             return _return_value(rank, "finished", loop, start, evaluation, last_checkpoint, run_id, None, metrics)
+        progress = ProgressPrinter(cfg.iterations, cfg.print_every, run_name=cfg.run_name, enabled=rank == 0)
         window_start, window_n = time.perf_counter(), 0
         t_first: float | None = None
         steady: float | None = None
@@ -554,6 +563,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
                                      {"iteration": e.iteration, "terms": e.terms, "grad_norm": e.grad_norm,
                                       "message": str(e)}, metrics)
             done = it + 1
+            progress.step_done(done, terms, loop.lrs)
             window_n += 1
             now = time.perf_counter()
             if t_first is None:  # steady-state speed: from the end of this invocation's first step
@@ -581,6 +591,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
             pause = time.perf_counter() - now  # logging, evaluation, checkpoint: not part of it/s
             window_start += pause
             t_first += pause
+            progress.resume()
         return _return_value(rank, "finished", loop, start, evaluation, last_checkpoint, run_id, None, metrics,
                              steady_it_per_s=steady)
     finally:
@@ -751,13 +762,13 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     name (:func:`resolve_config`), the data files, categories, split and shards, and a checkpoint to
     resume from (or ``init_from``) of the same architecture. Returns (config, resume meta or None)."""
     from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
-    from pmvis.platform.vis_data import ClipSampler, load_training_data
+    from pmvis.platform.vis_data import build_sampler, load_training_data
 
     cfg = resolve_config(cfg)
     need_gt, need_pseudo = cfg.loss.mode == "full", cfg.loss.mode == "pmvis"
     data = load_training_data(cfg.data, num_classes=cfg.model.num_classes, need_gt_masks=need_gt,
                               need_pseudo=need_pseudo, load_eval=False)
-    ClipSampler(data, cfg.data, batch_size=cfg.batch_size, stride=cfg.model.mask_stride,
+    build_sampler(data, cfg.data, batch_size=cfg.batch_size, stride=cfg.model.mask_stride,
                 world_size=cfg.num_workers, need_gt_masks=need_gt, need_pseudo=need_pseudo,
                 supervise_all_frames=cfg.loss.loss_frames == "all")
     _inference_config(cfg.inference)  # a typo in the evaluation knobs fails now, not after training
@@ -783,6 +794,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
     from ray.train.torch import TorchTrainer
 
     from pmvis.platform.io import write_json_atomic, write_text_atomic
+    from pmvis.platform.ray_logs import quiet_ray_train, ray_train_logging_config
 
     cfg, resume_meta = preflight(cfg)
     run_dir = run_dir_of(cfg)
@@ -797,6 +809,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
         if not _is_remote(run_dir):
             write_text_atomic(config_path, dump_config(cfg))
             client.log_artifact(run_id, config_path)
+        quiet_ray_train()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"train_config": cfg.model_dump(mode="json"), "run_dir": run_dir,
@@ -806,7 +819,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
             run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                                 callbacks=list(callbacks or [])),
+                                 callbacks=list(callbacks or []), logging_config=ray_train_logging_config()),
         )
         try:
             result = trainer.fit()
