@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "fuse": "fuse",
     "filter": "filter",
     "train": "train",
+    "pretrain": "pretrain",
     "predict": "predict",
     "compare": "compare",
     "sweep": "sweep",

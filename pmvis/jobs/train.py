@@ -46,7 +46,10 @@ def parse_overrides(items: list[str]) -> dict:
     return values
 
 
-def build_train_config(config_path: Path | None, overrides: list[str], preset: str = "paper"):
+def build_train_config(config_path: Path | None, overrides: list[str], preset: str = "paper", *,
+                       base: dict | None = None):
+    """The TrainConfig of a command: the preset's values (or ``base``, a command's own starting
+    values), then the --config file, then every --set."""
     import yaml
 
     from pmvis.platform.config import build_config
@@ -67,7 +70,9 @@ def build_train_config(config_path: Path | None, overrides: list[str], preset: s
             raise PmvisError(f"{config_path}: expected a mapping of config keys, got {type(loaded).__name__}")
         values = loaded or {}
     values = merge_values(values, parse_overrides(overrides))
-    if preset == "tiny":
+    if base is not None:
+        values = merge_values(base, values)
+    elif preset == "tiny":
         data_dir = (values.get("data") or {}).get("data_dir")
         if not data_dir:
             raise PmvisError(f"{source}: data.data_dir is required (e.g. --set data.data_dir=DIR)")

@@ -28,6 +28,7 @@ others and changing defect rates does not change the images.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -468,3 +469,38 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- still images (COCO format), for pretraining ----------------------------------------------------
+
+COCO_STILLS_FILENAME = "coco.json"
+
+
+def write_coco_stills(data_dir: str | os.PathLike, *, boxes_only: bool = True,
+                      name: str = COCO_STILLS_FILENAME) -> Path:
+    """Every frame of a synthetic dataset as a COCO still (``DATA/coco.json``, images under
+    ``JPEGImages/``): the true boxes, and the true masks unless ``boxes_only`` — the input of
+    ``pmvis pretrain``, in the format COCO train2017 has."""
+    data_dir = Path(data_dir)
+    truth = json.loads((data_dir / "truth.json").read_text())
+    images, annotations = [], []
+    image_id: dict[tuple[int, int], int] = {}
+    for v in truth["videos"]:
+        for t, file_name in enumerate(v["file_names"]):
+            image_id[v["id"], t] = len(images) + 1
+            images.append({"id": len(images) + 1, "file_name": file_name, "width": v["width"],
+                           "height": v["height"], "video_id": v["id"], "frame": t})
+    for a in truth["annotations"]:
+        for t, box in enumerate(a["bboxes"]):
+            if box is None:
+                continue
+            ann = {"id": len(annotations) + 1, "image_id": image_id[a["video_id"], t], "category_id": a["category_id"],
+                   "bbox": box, "area": a["areas"][t], "iscrowd": 0}
+            if not boxes_only and a["segmentations"][t] is not None:
+                ann["segmentation"] = a["segmentations"][t]
+            annotations.append(ann)
+    path = data_dir / name
+    write_json_atomic(path, {"info": {"description": "pmvis synthetic stills (COCO format)",
+                                      "contents": "true boxes" if boxes_only else "true boxes and masks"},
+                             "images": images, "annotations": annotations, "categories": truth["categories"]})
+    return path

@@ -32,7 +32,7 @@ import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -45,11 +45,34 @@ from pmvis.platform.ytvis import Annotation, YTVISDataset, decode_mask, load_dat
 logger = logging.getLogger(__name__)
 
 
+class PseudoVideoConfig(StrictConfig):
+    """How a still becomes the frames of a pseudo video (``data.format: coco``; drawn per frame,
+    :mod:`pmvis.platform.pseudo_video`)."""
+
+    scale: tuple[float, float] = (0.8, 1.25)  # zoom factor drawn log-uniformly in [lo, hi]
+    translate: float = Field(0.1, ge=0.0, le=0.5)  # shift, uniform in ±translate × (w, h)
+    rotate: float = Field(0.0, ge=0.0, le=180.0)  # rotation in degrees, uniform in ±rotate
+    min_visible: float = Field(0.3, ge=0.0, le=1.0)  # kept fraction of a transformed box's area
+    min_box_px: float = Field(2.0, ge=0.0)  # a visible box thinner than this (pixels) is dropped
+
+    @model_validator(mode="after")
+    def _check(self) -> "PseudoVideoConfig":
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must be [lo, hi] with 0 < lo ≤ hi, got {list(self.scale)}")
+        return self
+
+
 class DataConfig(StrictConfig):
     """Where the clips come from and how they are sampled and augmented."""
 
     data_dir: str  # the dataset directory (annotations + JPEGImages/); workers must see the same path
     annotations: str = "annotations.json"  # training annotations, relative to data_dir or absolute
+    # "ytvis": a YouTube-VIS/OVIS video set; "coco": a COCO instances file of still images, each
+    # turned into a pseudo video (IDOL's COCO pretraining, pmvis.platform.pseudo_video)
+    format: Literal["ytvis", "coco"] = "ytvis"
+    image_dir: str = "images"  # format coco: the images' directory, relative to data_dir or absolute
+    pseudo_video: PseudoVideoConfig = Field(default_factory=PseudoVideoConfig)  # format coco only
     # A fused file of `pmvis fuse` (same annotation ids; segmentations = pseudo masks, extra["quality"])
     pseudo_annotations: str | None = None
     # Ground truth the held-out videos are scored against (default: the training annotations).
@@ -160,7 +183,15 @@ def _check_pseudo(train: YTVISDataset, pseudo: YTVISDataset) -> dict[int, Annota
 def load_training_data(cfg: DataConfig, *, num_classes: int | None = None, need_gt_masks: bool = False,
                        need_pseudo: bool = False, load_eval: bool = True) -> TrainingData:
     """Load and cross-check the files of ``cfg``; every problem is a PmvisError naming the file."""
-    dataset = load_dataset_dir(cfg.data_dir, cfg.annotations)
+    if cfg.format == "coco":
+        from pmvis.platform.coco import load_coco_stills
+
+        if need_pseudo or cfg.pseudo_annotations is not None:
+            raise PmvisError("data.format 'coco' (still images) has no pseudo-mask file: use loss.mode boxinst or full")
+        dataset = load_coco_stills(resolve_data_path(cfg.data_dir, cfg.annotations),
+                                   resolve_data_path(cfg.data_dir, cfg.image_dir))
+    else:
+        dataset = load_dataset_dir(cfg.data_dir, cfg.annotations)
     if not dataset.categories:
         raise PmvisError(f"{dataset.path}: no categories")
     category_ids = sorted(dataset.categories)
@@ -230,7 +261,8 @@ def _index_video(video_id: int, length: int, anns: list[Annotation], *, masks_ev
 class FrameLabels:
     """The n instances of one frame of a batch, on the CPU, on the padded canvas (H, W).
 
-    ``boxes``: normalised cxcywh; ``gt_masks`` / ``pseudo_masks``: float ``(n, H/s, W/s)`` targets."""
+    ``boxes``: cxcywh normalised by the frame's own size (w, h), not the canvas; ``gt_masks`` /
+    ``pseudo_masks``: float ``(n, H/s, W/s)`` targets on the canvas."""
 
     labels: torch.Tensor
     boxes: torch.Tensor
@@ -273,12 +305,13 @@ class ClipBatch:
 
     def targets(self, device: torch.device | str, *, bottom_pixels: int) -> list[list[Any]]:
         """``FrameTargets[b][t]`` on ``device``: LAB images and valid masks are computed there."""
-        from pmvis.models.vis import FrameTargets, box_masks_from_boxes, lab_images, valid_masks
+        from pmvis.models.vis import FrameTargets, box_masks_from_boxes, lab_images, valid_masks, valid_sizes
 
         s = self.stride
         images = self.images.to(device, non_blocking=True)
         lab = lab_images(images, s)
         valid = valid_masks(self.padding_mask.to(device, non_blocking=True), s, bottom_pixels)
+        sizes = valid_sizes(self.padding_mask).tolist()  # each frame's own (h, w): its boxes' unit
         out: list[list[Any]] = []
         t_frames = self.num_frames
         for b, clip in enumerate(self.labels):
@@ -291,7 +324,8 @@ class ClipBatch:
 
                 frames.append(FrameTargets(
                     labels=f.labels.to(device), boxes=boxes, instance_ids=f.instance_ids.to(device),
-                    box_masks=box_masks_from_boxes(boxes, self.image_size, s), images_lab=lab[b * t_frames + t],
+                    box_masks=box_masks_from_boxes(boxes, tuple(sizes[b * t_frames + t]), s, self.image_size),
+                    images_lab=lab[b * t_frames + t],
                     valid=valid[b * t_frames + t], gt_masks=dev(f.gt_masks), pseudo_masks=dev(f.pseudo_masks),
                     pseudo_weights=dev(f.pseudo_weights)))
             out.append(frames)
@@ -307,6 +341,15 @@ class _Frame:
     gt: list[np.ndarray | None] | None
     pseudo: list[np.ndarray | None] | None
     pseudo_w: list[float] | None
+
+
+def build_sampler(data: TrainingData, cfg: DataConfig, **kwargs: Any) -> "ClipSampler":
+    """The sampler of ``cfg.format``: clips of real videos, or pseudo videos made from stills."""
+    if cfg.format == "coco":
+        from pmvis.platform.pseudo_video import PseudoVideoSampler
+
+        return PseudoVideoSampler(data, cfg, **kwargs)
+    return ClipSampler(data, cfg, **kwargs)
 
 
 class ClipSampler:
@@ -492,7 +535,6 @@ class ClipSampler:
         n_images = sum(len(c) for c in clips)
         images = torch.zeros(n_images, 3, H, W, dtype=torch.uint8)
         padding = torch.ones(n_images, H, W, dtype=torch.bool)
-        scale = torch.tensor([W, H, W, H], dtype=torch.float32)
         labels: list[list[FrameLabels]] = []
         i = 0
         for clip in clips:
@@ -502,6 +544,8 @@ class ClipSampler:
                 images[i, :, :h, :w] = torch.from_numpy(f.image).permute(2, 0, 1)
                 padding[i, :h, :w] = False
                 n = len(f.labels)
+                # normalised by the frame's own size, not the canvas (which depends on the batch)
+                scale = torch.tensor([w, h, w, h], dtype=torch.float32)
                 xyxy = torch.tensor(f.boxes, dtype=torch.float32).reshape(n, 4) / scale
                 boxes = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
                                      xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1)

@@ -96,3 +96,24 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     except RuntimeError as e:
         raise PmvisError(f"{state['path']}: weights do not fit the recorded config: {e}") from None
     return model.to(device).eval(), cfg, state
+
+
+def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, *, half: bool = True,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """A compact copy of a checkpoint for shipping (e.g. as package data): the model weights only
+    (no optimizer or scheduler state), floating-point tensors in float16 when ``half`` — loading
+    casts them back to the model's float32 (``load_state_dict`` copies with a dtype cast).
+    The result is an ordinary checkpoint: :func:`read_checkpoint` and ``init_from`` accept it."""
+    state = read_checkpoint(checkpoint)
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in state["model"].items()}
+    keep = {k: v for k, v in (state.get("extra") or {}).items() if k in ("category_ids", "categories")}
+    out_state = {
+        "format_version": FORMAT_VERSION, "model": weights, "model_config": state["model_config"],
+        "fingerprint": state["fingerprint"], "iteration": state["iteration"], "optimizer": None,
+        "scheduler": None, "extra": {**keep, "exported_from": str(state["path"]), **(extra or {})},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        torch.save(out_state, tmp)
+    return out

@@ -2,8 +2,10 @@
 contrastive tracking embedding, all sizes from :class:`ModelConfig`.
 
 Layout conventions: a clip batch of B clips × T frames is fed as B·T images, clip-major (image
-b·T + t is frame t of clip b). Boxes are normalised (cx, cy, w, h) relative to the padded input
-canvas (W, H); masks are at stride 4 of that canvas.
+b·T + t is frame t of clip b). Boxes are normalised (cx, cy, w, h) relative to each image's own
+valid (unpadded) region (w_img, h_img), as in Deformable DETR / IDOL (valid ratios, see
+:mod:`.transformer`), so an image's outputs do not depend on the canvas; masks are at stride 4 of
+the padded canvas, and :attr:`VISOutput.image_sizes` holds each image's (h_img, w_img).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .config import ModelConfig
 from .layers import MLP
 from .mask_head import Controller, MaskBranch, dynamic_mask_logits
 from .position_encoding import sine_position_encoding
+from .targets import valid_sizes
 from .transformer import DeformableTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,13 +44,14 @@ class VISOutput:
     """What :meth:`IDOL.forward` returns for B images (L decoder layers, Q queries)."""
 
     logits: torch.Tensor  # (L, B, Q, num_classes), sigmoid class logits
-    boxes: torch.Tensor  # (L, B, Q, 4) normalised (cx, cy, w, h)
+    boxes: torch.Tensor  # (L, B, Q, 4) (cx, cy, w, h) normalised by each image's valid size
     mask_params: torch.Tensor  # (L, B, Q, P) dynamic-conv parameters
     mask_features: torch.Tensor  # (B, Cm, H/4, W/4)
     embeddings: torch.Tensor  # (B, Q, E) tracking embeddings of the last layer
     hidden: torch.Tensor  # (L, B, Q, C) decoder outputs
     image_size: tuple[int, int]  # (H, W) of the padded input
     mask_stride: int
+    image_sizes: torch.Tensor  # (B, 2) long (h_img, w_img): each image's valid size (targets.valid_sizes)
 
     @property
     def num_layers(self) -> int:
@@ -121,8 +125,8 @@ class IDOL(nn.Module):
             srcs.append(x)
             masks.append(m)
             pos.append(sine_position_encoding(m, cfg.hidden_dim).to(x.dtype))
-        memory, shapes, mask_flat = self.transformer.encode(srcs, masks, pos)
-        hidden, logits, boxes = self.transformer.decode(memory, shapes, mask_flat)
+        memory, shapes, mask_flat, ratios = self.transformer.encode(srcs, masks, pos)
+        hidden, logits, boxes = self.transformer.decode(memory, shapes, mask_flat, ratios)
         n_maps = len(cfg.backbone_strides)
         sizes = [hh * ww for hh, ww in shapes]
         maps = [m.transpose(1, 2).reshape(b, cfg.hidden_dim, hh, ww)
@@ -130,7 +134,8 @@ class IDOL(nn.Module):
         mask_features = self.mask_branch(maps, feats[cfg.mask_stride])
         return VISOutput(
             logits=logits, boxes=boxes, mask_params=self.controller(hidden), mask_features=mask_features,
-            embeddings=self.embed_head(hidden[-1]), hidden=hidden, image_size=(h, w), mask_stride=cfg.mask_stride)
+            embeddings=self.embed_head(hidden[-1]), hidden=hidden, image_size=(h, w), mask_stride=cfg.mask_stride,
+            image_sizes=valid_sizes(padding_mask))
 
     def mask_logits(
         self, output: VISOutput, layer: int, batch_index: int | torch.Tensor, query_idx: torch.Tensor,
@@ -148,7 +153,7 @@ class IDOL(nn.Module):
         params = output.mask_params[layer, batch_idx, query_idx]
         centres = output.boxes[layer, batch_idx, query_idx, :2].detach() if self.cfg.rel_coords else None
         return dynamic_mask_logits(output.mask_features, params, centres, batch_idx, dims=self.cfg.dynamic_dims,
-                                   stride=output.mask_stride, image_size=output.image_size)
+                                   stride=output.mask_stride, image_sizes=output.image_sizes[batch_idx])
 
 
 def build_model(cfg: ModelConfig) -> IDOL:

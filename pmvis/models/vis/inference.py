@@ -25,7 +25,8 @@ chunk); the frames are then tracked one after the other:
 
 Output per track: per-frame masks at the ORIGINAL frame size (stride-4 logits bilinearly upsampled
 ×4 to the padded canvas, padding cropped, bilinearly resized to the frame, logit > 0) as compressed
-RLE, per-frame boxes (model boxes, xyxy pixels of the original frame) and class probabilities. Its
+RLE, per-frame boxes (the model's boxes, normalised by the unpadded input, as xyxy pixels of the
+original frame) and class probabilities. Its
 video-level class is the argmax of the mean per-frame class probabilities and its score that mean
 probability (DESIGN: video score = mean per-frame class score).
 
@@ -341,13 +342,14 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _select_frame(model, output, b: int, cfg: InferenceConfig, valid_stride: tuple[int, int]):
     """Steps 1–2 for image ``b`` of a chunk: kept query indices (descending score), scores, probs,
-    padded-pixel xyxy boxes and stride-4 mask logits of the kept queries."""
+    xyxy boxes in pixels of the resized input (the model's image-normalised boxes × the image's own
+    size, not the padded canvas) and stride-4 mask logits of the kept queries."""
     layer = output.num_layers - 1
     probs = output.logits[layer, b].sigmoid()  # (Q, C)
     scores, _ = probs.max(-1)
     idx = torch.nonzero(scores > cfg.score_threshold).squeeze(1)
-    hp, wp = output.image_size
-    scale = torch.tensor([wp, hp, wp, hp], dtype=torch.float32, device=probs.device)
+    h, w = output.image_sizes[b].tolist()  # boxes are normalised by the image's own (unpadded) size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=probs.device)
     boxes = cxcywh_to_xyxy(output.boxes[layer, b].float()) * scale
     if idx.numel():
         idx = idx[box_nms(boxes[idx], scores[idx], cfg.box_nms_threshold)]

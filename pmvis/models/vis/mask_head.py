@@ -8,10 +8,13 @@
 * Dynamic convs: per selected query, [mask features ‖ relative coordinates] → 1×1 convs with ReLU
   between them → 1 logit per pixel at stride 4. Only the selected queries are evaluated (training:
   the matched ones; inference: the kept ones), so memory is O(N·H/4·W/4), not O(Q·H/4·W/4).
-* Relative coordinates: (query box centre − pixel centre), both normalised by the padded input
-  size (W, H) — IDOL's choice; CondInst divides pixel offsets by a per-level size of interest
-  instead. The box centre is the one the same decoder layer predicts, detached. Pixel (i, j) of the
-  stride-s map has its centre at ((j·s + s//2)/W, (i·s + s//2)/H) (CondInst's locations).
+* Relative coordinates: (query box centre − pixel centre) in the image's own normalised
+  coordinates. IDOL turns the image-normalised reference into pixels with the image's own
+  (unpadded) size ``image_sizes[i]`` and subtracts the pixel locations; we divide that pixel
+  offset by the same size (w_img, h_img), never by the padded canvas, so the mask head of an image
+  does not depend on the canvas. (CondInst divides pixel offsets by a per-level size of interest
+  instead.) The box centre is the one the same decoder layer predicts, detached. Pixel (i, j) of
+  the stride-s map has its centre at (j·s + s//2, i·s + s//2) pixels (CondInst's locations).
 """
 
 from __future__ import annotations
@@ -48,13 +51,11 @@ class MaskBranch(nn.Module):
         return self.out(self.tower(x))
 
 
-def pixel_locations(height: int, width: int, stride: int, image_size: tuple[int, int], *,
-                    device, dtype) -> torch.Tensor:
-    """``(2, h, w)``: normalised (x, y) centres of the stride-``stride`` pixels of an image of
-    ``image_size`` (H, W)."""
-    img_h, img_w = image_size
-    xs = (torch.arange(width, device=device, dtype=dtype) * stride + stride // 2) / img_w
-    ys = (torch.arange(height, device=device, dtype=dtype) * stride + stride // 2) / img_h
+def pixel_locations(height: int, width: int, stride: int, *, device, dtype) -> torch.Tensor:
+    """``(2, h, w)``: the (x, y) pixel centres (j·s + s//2, i·s + s//2) of the stride-``stride``
+    map's pixels (CondInst's ``compute_locations``)."""
+    xs = torch.arange(width, device=device, dtype=dtype) * stride + stride // 2
+    ys = torch.arange(height, device=device, dtype=dtype) * stride + stride // 2
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((xx, yy))
 
@@ -78,19 +79,23 @@ def dynamic_mask_logits(
     *,
     dims: list[int],
     stride: int,
-    image_size: tuple[int, int],
+    image_sizes: torch.Tensor,
 ) -> torch.Tensor:
     """Evaluate the dynamic convs of N selected queries → ``(N, h, w)`` mask logits.
 
-    ``mask_features`` ``(B, Cm, h, w)``; ``params`` ``(N, P)``; ``centres`` ``(N, 2)`` normalised
-    (cx, cy) or None without relative coordinates; ``batch_idx`` ``(N,)`` the image of each query.
+    ``mask_features`` ``(B, Cm, h, w)``; ``params`` ``(N, P)``; ``centres`` ``(N, 2)`` (cx, cy)
+    normalised by the query's image size, or None without relative coordinates; ``batch_idx``
+    ``(N,)`` the image of each query; ``image_sizes`` ``(N, 2)`` (h_img, w_img) of each query's
+    image (its valid, unpadded size). Relative coordinate of a pixel: centre − pixel centre /
+    (w_img, h_img).
     """
     n = params.shape[0]
     _, _, h, w = mask_features.shape
     x = mask_features[batch_idx].flatten(2)  # (N, Cm, h·w)
     if centres is not None:
-        loc = pixel_locations(h, w, stride, image_size, device=x.device, dtype=x.dtype).flatten(1)
-        rel = centres.to(x.dtype)[:, :, None] - loc[None]
+        loc = pixel_locations(h, w, stride, device=x.device, dtype=x.dtype).flatten(1)  # (2, h·w) pixels
+        size_xy = image_sizes.to(device=x.device, dtype=x.dtype).reshape(n, 2).flip(-1)  # (N, 2) (w, h)
+        rel = centres.to(x.dtype)[:, :, None] - loc[None] / size_xy[:, :, None]
         x = torch.cat((x, rel), 1)
     layers = split_params(params, dims)
     for k, (weight, bias) in enumerate(layers):

@@ -3,8 +3,11 @@
 Clip layout: the criterion takes ``targets[b][t]`` for B clips × T frames, and the model's batch
 holds the same B·T images clip-major (image ``b·T + t``). Frame 0 of a clip is its key frame,
 frame 1 its reference frame (tracking loss). Everything spatial is at mask resolution
-(stride s = 4) of the padded canvas: ``h = H/s``, ``w = W/s``; boxes are normalised (cx, cy, w, h)
-relative to the padded canvas (W, H), like the model's predictions.
+(stride s = 4) of the padded canvas: ``h = H/s``, ``w = W/s``. Boxes are normalised (cx, cy, w, h)
+relative to the frame's own valid (unpadded) region (w_img, h_img), like the model's predictions
+(Deformable DETR / IDOL normalise targets by the unpadded image size): a clip's targets do not
+depend on the canvas, i.e. on the other clips of its batch; :func:`valid_sizes` reads each image's
+(h_img, w_img) off the padding mask.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pmvis.kernels import rgb_to_lab
 class FrameTargets:
     """The n instances annotated in one frame (instances absent from the frame are not listed).
 
-    ``labels`` ``(n,)`` long, 0-based class index; ``boxes`` ``(n, 4)`` normalised cxcywh;
+    ``labels`` ``(n,)`` long, 0-based class index; ``boxes`` ``(n, 4)`` cxcywh normalised by the
+    frame's own valid size;
     ``instance_ids`` ``(n,)`` long track ids shared by the clip's frames; ``box_masks`` ``(n, h, w)``
     float filled boxes (:func:`box_masks_from_boxes`); ``images_lab`` ``(3, h, w)`` the frame in
     LAB (:func:`lab_images`); ``valid`` ``(h, w)`` bool, False on padding and the ignored bottom
@@ -93,11 +97,23 @@ def mask_targets(masks: torch.Tensor, stride: int) -> torch.Tensor:
     return _sample(masks, stride).to(torch.float32)
 
 
-def box_masks_from_boxes(boxes: torch.Tensor, image_size: tuple[int, int], stride: int) -> torch.Tensor:
-    """Normalised cxcywh ``(n, 4)`` → ``(n, H/s, W/s)`` float filled boxes: a mask pixel is inside
-    when the centre (j·s + s//2 + ½) of the full-resolution pixel it samples lies in the box."""
+def valid_sizes(padding_mask: torch.Tensor) -> torch.Tensor:
+    """``padding_mask`` ``(B, H, W)`` True on padding (each image top-left on its canvas) →
+    ``(B, 2)`` long (h, w): the valid rows of the first column and the valid columns of the first
+    row, as Deformable DETR's ``get_valid_ratio`` counts them."""
+    valid = ~padding_mask.to(torch.bool)
+    return torch.stack((valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)), dim=1)
+
+
+def box_masks_from_boxes(boxes: torch.Tensor, image_size: tuple[int, int], stride: int,
+                         canvas_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """cxcywh ``(n, 4)`` normalised by ``image_size`` (h_img, w_img) → ``(n, H/s, W/s)`` float
+    filled boxes on the ``canvas_size`` (H, W) canvas (default: the image itself): a mask pixel is
+    inside when the centre (j·s + s//2 + ½) of the full-resolution pixel it samples lies in the box
+    in pixels (box × the image's own size)."""
     img_h, img_w = image_size
-    h, w = img_h // stride, img_w // stride
+    can_h, can_w = image_size if canvas_size is None else canvas_size
+    h, w = can_h // stride, can_w // stride
     cx, cy, bw, bh = boxes.float().unbind(-1)
     x0, x1 = (cx - bw / 2) * img_w, (cx + bw / 2) * img_w
     y0, y1 = (cy - bh / 2) * img_h, (cy + bh / 2) * img_h

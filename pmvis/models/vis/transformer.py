@@ -1,8 +1,12 @@
 """Deformable DETR's encoder and decoder with iterative box refinement (two-stage off).
 
-Coordinates: every normalised point or box (reference points, predicted boxes) is relative to the
-padded input canvas (W, H) of the batch, so no valid-ratio rescaling is needed; padding is handled
-by the value masks and the position encoding.
+Coordinates, as Deformable DETR's valid ratios: every normalised point or box (reference points,
+predicted boxes) is relative to each image's own valid (unpadded) region, so what an image's
+queries predict does not depend on the canvas it was padded onto. Where a point samples the
+padded level maps it is multiplied by that level's valid ratio (w_valid / W_l, h_valid / H_l)
+(:func:`valid_ratios`): the encoder's reference points (:func:`encoder_reference_points`) and the
+decoder's references (``ref_input``). Padding is also handled by the value masks and the position
+encoding (normalised over the valid region).
 """
 
 from __future__ import annotations
@@ -68,17 +72,34 @@ class DecoderLayer(nn.Module):
         return self.ffn(tgt)
 
 
-def encoder_reference_points(shapes: Shapes, levels: int, batch: int, device, dtype) -> torch.Tensor:
-    """``(B, S, L, 2)``: every position's pixel centre ((j + ½)/W_l, (i + ½)/H_l), the same
-    normalised point on all L levels."""
+def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, L, 2)``: per image and level, (valid columns / W_l, valid rows / H_l) of the level's
+    padding mask ``(B, H_l, W_l)`` (True on padding) — Deformable DETR's ``get_valid_ratio``
+    (valid rows counted down the first column, valid columns along the first row)."""
+    ratios = []
+    for m in masks:
+        valid = ~m
+        h, w = m.shape[-2:]
+        ratios.append(torch.stack((valid[:, 0, :].sum(1) / w, valid[:, :, 0].sum(1) / h), dim=-1))
+    return torch.stack(ratios, 1).float()
+
+
+def encoder_reference_points(shapes: Shapes, ratios: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``(B, S, L, 2)``, as Deformable DETR's encoder ``get_reference_points``: every position's
+    pixel centre normalised by its level's valid region, ((j + ½)/(r_x·W_l), (i + ½)/(r_y·H_l)),
+    then multiplied by each level's valid ratio r (``ratios`` ``(B, L, 2)``, :func:`valid_ratios`)
+    to sample that level's padded map at the same relative place of the valid region."""
+    ratios = ratios.to(device=device, dtype=dtype)
     refs = []
-    for h, w in shapes:
-        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
-        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    for lvl, (h, w) in enumerate(shapes):
+        ys = torch.arange(h, device=device, dtype=dtype) + 0.5
+        xs = torch.arange(w, device=device, dtype=dtype) + 0.5
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        refs.append(torch.stack((xx.flatten(), yy.flatten()), -1))
-    ref = torch.cat(refs, 0)
-    return ref[None, :, None, :].expand(batch, -1, levels, -1)
+        ref_x = xx.flatten()[None] / (ratios[:, None, lvl, 0] * w)
+        ref_y = yy.flatten()[None] / (ratios[:, None, lvl, 1] * h)
+        refs.append(torch.stack((ref_x, ref_y), -1))
+    ref = torch.cat(refs, 1)  # (B, S, 2)
+    return ref[:, :, None] * ratios[:, None]
 
 
 class DeformableTransformer(nn.Module):
@@ -125,28 +146,35 @@ class DeformableTransformer(nn.Module):
     def encode(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: list[torch.Tensor]):
         """Flatten the levels (adding the level embeddings to the positions) and run the encoder.
 
-        Returns ``memory (B, S, C)``, the level shapes and the flattened padding mask ``(B, S)``."""
+        Returns ``memory (B, S, C)``, the level shapes, the flattened padding mask ``(B, S)`` and
+        the valid ratios ``(B, L, 2)`` (:func:`valid_ratios`)."""
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
                               for lvl, p in enumerate(pos)], 1)
-        ref = encoder_reference_points(shapes, self.levels, src_flat.shape[0], src_flat.device, src_flat.dtype)
+        ratios = valid_ratios(masks)
+        ref = encoder_reference_points(shapes, ratios, src_flat.device, src_flat.dtype)
         memory = src_flat
         for layer in self.encoder:
             memory = layer(memory, pos_flat, ref, shapes, mask_flat)
-        return memory, shapes, mask_flat
+        return memory, shapes, mask_flat, ratios
 
-    def decode(self, memory: torch.Tensor, shapes: Shapes, mask_flat: torch.Tensor):
-        """Returns ``hidden (L, B, Q, C)``, ``logits (L, B, Q, K)``, ``boxes (L, B, Q, 4)`` (cxcywh)."""
+    def decode(self, memory: torch.Tensor, shapes: Shapes, mask_flat: torch.Tensor, ratios: torch.Tensor):
+        """Returns ``hidden (L, B, Q, C)``, ``logits (L, B, Q, K)``, ``boxes (L, B, Q, 4)`` (cxcywh,
+        normalised by each image's valid region). ``ratios``: the valid ratios ``(B, L, 2)``; as in
+        Deformable DETR's decoder, a layer's reference (point or box) is multiplied by them
+        (a box's (w, h) too) to sample each level's padded map."""
         b = memory.shape[0]
         query_pos, tgt = self.query_embed.weight.split(self.dim, dim=1)
         query_pos = query_pos[None].expand(b, -1, -1)
         tgt = tgt[None].expand(b, -1, -1)
         reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
+        ratios = ratios.to(memory.dtype)
         hidden, logits, boxes = [], [], []
         for lid, layer in enumerate(self.decoder):
-            ref_input = reference[:, :, None].expand(-1, -1, self.levels, -1)
+            scale = ratios if reference.shape[-1] == 2 else torch.cat((ratios, ratios), -1)
+            ref_input = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             tgt = layer(tgt, query_pos, ref_input, memory, shapes, mask_flat)
             delta = self.box_heads[lid](tgt)
             if reference.shape[-1] == 4:
