@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -83,6 +84,9 @@ def tiny_model(seed: int = 0, **overrides) -> IDOL:
     return build_model(ModelConfig.tiny(num_classes=2, **overrides))
 
 
+_tiny_model = tiny_model
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -99,7 +103,7 @@ def test_config_defaults_are_the_papers_and_tiny_is_small():
     assert (loss.pairwise_size, loss.pairwise_dilation, loss.pairwise_threshold, loss.pairwise_warmup_iters) == \
         (3, 2, 0.3, 10000)
     tiny = ModelConfig.tiny(num_classes=3)
-    assert tiny.hidden_dim == 32 and tiny.num_queries == 10 and tiny.num_classes == 3
+    assert tiny.hidden_dim == 32 and tiny.num_queries == 50 and tiny.num_classes == 3
     with pytest.raises(ValueError, match="divisible by num_heads"):
         ModelConfig(hidden_dim=30, num_heads=4, norm_groups=2)
     with pytest.raises(ValueError):
@@ -322,7 +326,9 @@ def test_tk_warmup_counts_loss_calls_as_maskfreevis(clip):
             calls = [iteration * layers + (1 if lid == layers - 1 else lid + 2) for lid in range(layers)]
             expected = sum(0.5 * min(c / 2000, 1.0) * on["tk" if lid == layers - 1 else f"tk_{lid}"].item()
                            for lid, c in enumerate(calls))
-            assert (on["loss"] - off["loss"]).item() == pytest.approx(expected, rel=1e-4, abs=1e-6), iteration
+            # float32 totals: the difference of two losses carries their rounding (~1e-7 of the total)
+            tol = 1e-6 * max(1.0, on["loss"].item())
+            assert (on["loss"] - off["loss"]).item() == pytest.approx(expected, rel=1e-4, abs=tol), iteration
     crit = VISCriterion(LossConfig(tk=True))
     assert crit.cfg.tk_warmup_calls == 2000
     # IDOL's 6 decoder layers: iteration 0 makes calls 1 (last layer), 2..6 (layers 0..4)
@@ -454,7 +460,7 @@ def test_gradients_reach_every_part_of_the_model(clip):
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
         assert any(g.abs().sum() > 0 for g in grads), name
     assert model.transformer.level_embed.grad.abs().sum() > 0
-    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+    assert next(model.backbone.body.parameters()).grad.abs().sum() > 0  # the stem's first conv
 
 
 def test_tracking_loss_by_hand():
@@ -472,6 +478,7 @@ def test_tracking_loss_by_hand():
 
 
 def test_backbone_weights_round_trip_and_bad_files(tmp_path):
+    tiny_model = functools.partial(_tiny_model, backbone="resnet18")  # the keys below are ResNet's
     source = tiny_model(seed=1)
     path = tmp_path / "r18.pt"
     torch.save(source.backbone.body.state_dict(), path)
@@ -564,7 +571,7 @@ def test_overfit_one_clip_box_supervised_beats_the_filled_box(clip):
     images, masks, _ = clip
     # the pairwise warm-up matters: at full weight from step 0 it can freeze the inside of a box at
     # "all background" while the projection term is met by stray lines just outside the box
-    model, crit = _train(clip, "boxinst", steps=120, lr=1e-3, warmup=60)
+    model, crit = _train(clip, "boxinst", steps=180, lr=1e-3, warmup=60)
     ious = _matched_ious(model, crit, clip, full_resolution=True)
     box_ious = []
     for t in range(2):
