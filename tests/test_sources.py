@@ -526,3 +526,78 @@ def test_pseudo_masks_benchmark_runs():
     r = bench.run_hqsam(frames=1, boxes=2, size=(64, 80), warmup=False)
     print(bench.report(r))
     assert r["boxes"] >= 2 and bench.masks_agree(r)
+
+
+# ----------------------------------------------------------------------------- track: flow
+
+
+def _textured_disc_video(T: int = 8, H: int = 96, W: int = 112, step: int = 3, absent: tuple[int, ...] = (),
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A textured disc gliding right by ``step`` px a frame over a textured background; the disc's
+    texture moves with it (as an object's does), so optical flow can follow it. Frames in ``absent``
+    show the background only. Returns (frames (T, H, W, 3) uint8, true masks (T, H, W) bool)."""
+    rng = np.random.default_rng(seed)
+    bg = cv2.GaussianBlur(rng.integers(0, 255, (H, W, 3), dtype=np.uint8), (0, 0), 2.0)
+    tex = cv2.GaussianBlur(rng.integers(0, 255, (H, W + T * step, 3), dtype=np.uint8), (0, 0), 1.5)
+    tex = np.clip(tex.astype(np.int16) // 2 + 128, 0, 255).astype(np.uint8)  # brighter than the background
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames, masks = np.empty((T, H, W, 3), np.uint8), np.zeros((T, H, W), bool)
+    for t in range(T):
+        cx, cy, r = 30 + step * t, H // 2, 18
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        frames[t] = bg
+        if t in absent:
+            continue
+        shifted = tex[:, T * step - step * t:T * step - step * t + W]  # texture glued to the disc
+        frames[t][disc] = shifted[disc]
+        masks[t] = disc
+    return frames, masks
+
+
+def _disc_track(frames: np.ndarray, masks: np.ndarray, key: int, **config):
+    from pmvis.models.sources.track import TrackConfig, TrackSource
+
+    T = len(frames)
+    boxes = [None if not m.any() else [float(np.nonzero(m)[1].min()), float(np.nonzero(m)[0].min()),
+                                       float(np.ptp(np.nonzero(m)[1]) + 1), float(np.ptp(np.nonzero(m)[0]) + 1)]
+             for m in masks]
+    init = [None] * T
+    init[key] = masks[key]
+    video = VideoInput(video_id=1, frames=frames, boxes={7: boxes},
+                       init_masks={7: SourceMasks(init, [None if m is None else 0.9 for m in init])})
+    out = TrackSource(TrackConfig(engine="flow", **config))(video)
+    _check_contract(video, out, every_box_frame=False)
+    return out[7]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_flow_tracker_follows_a_moving_textured_disc():
+    frames, masks = _textured_disc_video()
+    out = _disc_track(frames, masks, key=3)
+    ious = [_iou(m, masks[t]) if m is not None else 0.0 for t, m in enumerate(out.masks)]
+    print("flow IoU per frame:", np.round(ious, 3).tolist(), "confidence:", out.confidences)
+    assert min(ious) > 0.85, ious  # forward (4..7) and backward (0..2) from the key frame
+    assert all(c is not None and c > 0.7 for c in out.confidences), out.confidences
+    # a standing copy of the key mask is far worse: the flow really moved it
+    assert _iou(masks[3], masks[0]) < 0.6 and _iou(masks[3], masks[7]) < 0.6
+
+
+def test_flow_tracker_gives_low_confidence_where_the_object_is_absent():
+    frames, masks = _textured_disc_video(absent=(6, 7))
+    out = _disc_track(frames, masks, key=2)
+    present = [out.confidences[t] for t in range(6)]
+    assert all(c is not None and c > 0.7 for c in present), out.confidences
+    for t in (6, 7):  # no mask, or one whose confidence is below every present frame's
+        assert out.masks[t] is None or out.confidences[t] < min(present), (t, out.confidences)
+    # without the box check (boxes are None on the absent frames) the flow and appearance still tell
+    frames_b, masks_b = _textured_disc_video(absent=(7,), seed=1)
+    low = _disc_track(frames_b, masks_b, key=0, flow_present_threshold=0.0)
+    assert low.confidences[7] is not None and low.confidences[7] < 0.5 * min(low.confidences[:7]), low.confidences
+
+
+def test_flow_engine_builds_without_weights():
+    source = build_source("track", {"engine": "flow", "init_from": "grabcut"})
+    assert source.config.engine == "flow"

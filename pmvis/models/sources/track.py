@@ -29,6 +29,18 @@ Engines:
   this project builds without (pyproject), so it is switched off (``fill_hole_area = 0``) instead
   of warning and skipping.
 - ``deaot``: ``pmvis.models.sources.deaot.DeAOTTracker`` over a user's aot-benchmark checkout.
+- ``flow`` (weight-free, CPU; the optical-flow baseline MaskFreeVIS compares TK-Loss against):
+  OpenCV DIS dense flow between neighbouring frames (both directions, computed once per video)
+  carries the mask one frame at a time: each pixel of the new frame looks up, through the
+  backward flow, whether it came from the previous mask (bilinear warp, ≥ 0.5). Confidence of a
+  propagated mask = chain × appearance × box agreement, where the chain multiplies, step by step,
+  the fraction of new-mask pixels whose forward–backward flow round trip closes within
+  ``flow_fb_tolerance`` px and the fraction of old-mask pixels that land (forward flow) on the new
+  mask; appearance = RGB-histogram intersection with the key-frame mask; box agreement = IoU of
+  the mask's tight box with the GT box (1 where the frame has none). A mask is reported where its
+  confidence is ≥ ``flow_present_threshold``; propagation in a direction stops once the chain
+  falls below it (every factor is ≤ 1, so it cannot recover). An object that vanishes leaves no
+  consistent flow and no matching colours, so the Missing-Data filter gets a low-confidence signal.
 
 Feeding in-memory frames to SAM 2 (``frame_feed``): ``init_state`` only accepts a path (a JPEG
 folder or an MP4). ``"memory"`` (default) hands it our frames instead: during the ``init_state``
@@ -56,7 +68,7 @@ import numpy as np
 from pydantic import Field
 
 from pmvis.models.sources._common import (
-    empty_tracks, filled_box_mask, load_checkpoint_file, load_state_dict_strict, log, resolve_device,
+    clip01, empty_tracks, filled_box_mask, load_checkpoint_file, load_state_dict_strict, log, resolve_device,
     state_dict_from, warn_random_weights,
 )
 from pmvis.models.sources.base import (
@@ -72,7 +84,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TrackConfig(SourceConfig):
-    engine: Literal["sam2", "deaot"] = "sam2"
+    engine: Literal["flow", "sam2", "deaot"] = "sam2"
     init_from: str = Field(DEFAULT_INIT_FROM, description="the source whose masks seed the tracker")
     sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 package config name")
     checkpoint: str | None = Field(None, description="SAM 2 checkpoint (.pt, state dict under 'model'); "
@@ -86,6 +98,16 @@ class TrackConfig(SourceConfig):
     deaot_max_long_edge: int = Field(1040, ge=32, description="DeAOT input long edge limit (800 × 1.3)")
     device: str | None = Field(None, description='null: "cuda" if num_gpus > 0 and CUDA is available, else "cpu"')
     random_init_seed: int = Field(0, ge=0, description="torch seed for the random weights when no checkpoint")
+    flow_preset: Literal["ultrafast", "fast", "medium"] = Field(
+        "medium", description="flow engine: cv2 DIS optical flow preset (DISOPTICAL_FLOW_PRESET_*)")
+    flow_fb_tolerance: float = Field(
+        1.5, gt=0, description="flow engine: pixels; a mask pixel whose forward-then-backward flow returns "
+                               "within this distance is flow-consistent, and a key-mask pixel that lands within "
+                               "it of the new mask has survived")
+    flow_present_threshold: float = Field(
+        0.5, ge=0, le=1, description="flow engine: a propagated mask is reported when its confidence is >= this")
+    flow_appearance_bins: int = Field(
+        8, ge=2, le=64, description="flow engine: RGB histogram bins per channel of the appearance check")
 
 
 # ----------------------------------------------------------------------------- key frames
@@ -283,7 +305,119 @@ class Sam2Tracker:
         return results
 
 
+_DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+_OUTSIDE_FLOW = 1e6  # flow looked up outside the frame: never within any fb tolerance
+
+
+def box_agreement(mask: np.ndarray, box: Box | None) -> float:
+    """IoU of the mask's tight box with the GT box ``[x, y, w, h]``; 1.0 where the frame has no box."""
+    if box is None:
+        return 1.0
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 0.0
+    mx0, my0, mx1, my1 = float(xs.min()), float(ys.min()), float(xs.max()) + 1.0, float(ys.max()) + 1.0
+    bx0, by0, bx1, by1 = float(box[0]), float(box[1]), float(box[0]) + float(box[2]), float(box[1]) + float(box[3])
+    iw = max(0.0, min(mx1, bx1) - max(mx0, bx0))
+    ih = max(0.0, min(my1, by1) - max(my0, by0))
+    inter = iw * ih
+    union = (mx1 - mx0) * (my1 - my0) + max(bx1 - bx0, 0.0) * max(by1 - by0, 0.0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FlowTracker:
+    """Weight-free ``flow`` engine: dense DIS optical flow carries each key mask frame to frame.
+
+    See the module docstring for the propagation and the confidence. Objects are propagated
+    independently (the flows are shared: each frame pair's two flows are computed once per video).
+    """
+
+    uses_boxes = True  # TrackSource passes the GT boxes: they enter the confidence
+
+    def __init__(self, config: TrackConfig):
+        self.preset = _DIS_PRESETS[config.flow_preset]
+        self.fb_tolerance = float(config.flow_fb_tolerance)
+        self.present_threshold = float(config.flow_present_threshold)
+        self.bins = int(config.flow_appearance_bins)
+
+    def _histogram(self, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h = cv2.calcHist([frame], [0, 1, 2], mask.astype(np.uint8), [self.bins] * 3, [0, 256] * 3)
+        return h / max(float(h.sum()), 1.0)
+
+    def _step(self, prev: np.ndarray, back: np.ndarray, fwd: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+              reach: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Warp ``prev`` (bool) to the next frame: (new mask, fb-consistent fraction, surviving fraction).
+
+        ``back``: flow next → prev (each new pixel looks up where it came from); ``fwd``: prev → next.
+        """
+        mx, my = gx + back[..., 0], gy + back[..., 1]
+        new = cv2.remap(prev.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                        borderValue=0) >= 0.5
+        if not new.any():
+            return new, 0.0, 0.0
+        f_at = cv2.remap(fwd, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=(_OUTSIDE_FLOW, _OUTSIDE_FLOW))
+        err2 = (back[..., 0] + f_at[..., 0]) ** 2 + (back[..., 1] + f_at[..., 1]) ** 2
+        fb = float(np.mean(err2[new] <= self.fb_tolerance ** 2))
+        near_new = cv2.dilate(new.astype(np.uint8), reach)
+        landed = cv2.remap(near_new, gx + fwd[..., 0], gy + fwd[..., 1], cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        survived = float(np.mean(landed[prev] > 0))
+        return new, fb, survived
+
+    def track(self, frames: np.ndarray, groups: list[tuple[int, dict[int, np.ndarray]]],
+              boxes: dict[int, list[Box | None]] | None = None
+              ) -> dict[int, tuple[list[np.ndarray | None], list[float | None]]]:
+        T, H, W = frames.shape[:3]
+        boxes = boxes or {}
+        results: dict[int, tuple[list, list]] = {}
+        if not groups:
+            return results
+        dis = cv2.DISOpticalFlow_create(self.preset)
+        gray: dict[int, np.ndarray] = {}
+        flows: dict[tuple[int, int], np.ndarray] = {}
+
+        def flow(a: int, b: int) -> np.ndarray:  # (H, W, 2) with I_a(p) ≈ I_b(p + flow(p))
+            if (a, b) not in flows:
+                for t in (a, b):
+                    if t not in gray:
+                        gray[t] = cv2.cvtColor(np.ascontiguousarray(frames[t]), cv2.COLOR_RGB2GRAY)
+                flows[(a, b)] = dis.calc(gray[a], gray[b], None)
+            return flows[(a, b)]
+
+        gy, gx = np.mgrid[0:H, 0:W].astype(np.float32)
+        r = max(int(math.ceil(self.fb_tolerance)), 0)
+        reach = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        for key, objects in groups:
+            for oid, seed in objects.items():
+                seed = np.asarray(seed, dtype=bool)
+                own_boxes = boxes.get(oid) or [None] * T
+                masks: list[np.ndarray | None] = [None] * T
+                confs: list[float | None] = [None] * T
+                masks[key], confs[key] = seed, box_agreement(seed, own_boxes[key])
+                key_hist = self._histogram(frames[key], seed)
+                for step in (1, -1):
+                    prev, chain, t = seed, 1.0, key
+                    while 0 <= t + step < T:
+                        n = t + step
+                        new, fb, survived = self._step(prev, flow(n, t), flow(t, n), gx, gy, reach)
+                        chain *= fb * survived
+                        if chain < self.present_threshold or not new.any():
+                            break  # the confidence can only fall from here: every factor is <= 1
+                        appearance = float(cv2.compareHist(key_hist, self._histogram(frames[n], new),
+                                                           cv2.HISTCMP_INTERSECT))
+                        conf = clip01(chain * appearance * box_agreement(new, own_boxes[n]))
+                        if conf >= self.present_threshold:
+                            masks[n], confs[n] = new, conf
+                        prev, t = new, n
+                results[oid] = (masks, confs)
+        return results
+
+
 def build_tracker(config: TrackConfig) -> Tracker:
+    if config.engine == "flow":
+        return FlowTracker(config)
     device = resolve_device(config.device, config.num_gpus)
     if config.engine == "sam2":
         return Sam2Tracker(config, device)
@@ -323,7 +457,11 @@ class TrackSource:
         if fallbacks:
             log.info("video id=%s: no usable %s mask for annotation(s) %s; starting from the largest box",
                      video.video_id, self.config.init_from, fallbacks)
-        tracked = self.tracker.track(video.frames, group_by_key_frame(keys))
+        groups = group_by_key_frame(keys)
+        if getattr(self.tracker, "uses_boxes", False):
+            tracked = self.tracker.track(video.frames, groups, boxes=video.boxes)
+        else:
+            tracked = self.tracker.track(video.frames, groups)
         for aid, (masks, confs) in tracked.items():
             out[aid] = SourceMasks(masks=list(masks), confidences=list(confs))
         return out
