@@ -40,10 +40,15 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     ann = json.loads((out / "metrics_annotation_masks.json").read_text())
     assert ann["AP"] > box["AP"]  # the noisy annotation masks are closer to the truth than boxes
     report = json.loads((out / "report/report.json").read_text())
-    assert set(report["quality"]) >= {"grabcut", "hqsam", "track", "boxinst", "fused", "filled box"}
+    # without checkpoints: the weight-free sources and the box-only model, no random-weight HQ-SAM
+    assert set(report["quality"]) == {"grabcut", "track", "boxinst", "fused", "filled box"}
+    assert "HQ-SAM and SAM 2 are skipped: no checkpoints given" in text
     table = (out / "comparison.md").read_text()
     for label in ("box-only", "PM-VIS", "fully supervised"):
         assert label in table
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison) == {"box-only", "pmvis", "full"}
+    assert all(0 <= comparison[k]["AP"] <= 100 and "AP50" in comparison[k] for k in comparison)
     assert (out / "report/quality_by_source.png").stat().st_size > 0
     assert (out / "train_pseudo.json").exists() and (out / "train_clean.json").exists()
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow/mlflow.db'}")
@@ -93,7 +98,7 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
 def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp_path):
     """The demo's concurrent trainings run in Ray tasks: bad input still surfaces as PmvisError
     naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
-    from pmvis.jobs.demo import _train_side_by_side
+    from pmvis.jobs.demo import train_side_by_side
     from pmvis.platform.errors import PmvisError
     from pmvis.platform.training import TrainConfig
 
@@ -101,6 +106,6 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
     cfg = TrainConfig.tiny(missing, iterations=2, run_name="bad", storage_path=str(tmp_path / "runs"),
                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(PmvisError) as err:
-        _train_side_by_side([cfg])
+        train_side_by_side([cfg])
     assert not isinstance(err.value, ray_session.exceptions.RayTaskError)  # Ray subclasses the cause
     assert str(missing) in str(err.value) and "Traceback" not in str(err.value)

@@ -68,8 +68,11 @@ def pretrain_config(args: argparse.Namespace, data_dir: Path, annotations: str, 
     from pmvis.jobs.train import build_train_config
     from pmvis.platform.training import TrainConfig, merge_values
 
+    from pmvis.platform.tracking import default_tracking_uri
+
+    # everything of a pretraining run lives under --out (MLFLOW_TRACKING_URI still wins)
     base: dict[str, Any] = {"run_name": PRETRAIN_RUN_NAME, "storage_path": str(args.out / "runs"),
-                            "experiment": "pmvis-pretrain"}
+                            "experiment": "pmvis-pretrain", "tracking_uri": default_tracking_uri(args.out / "mlflow")}
     if args.preset == "tiny":
         base = merge_values(TrainConfig.tiny(data_dir).model_dump(mode="json"), merge_values(base, TINY_PRETRAIN))
     base = merge_values(base, {"data": {"data_dir": str(data_dir), "format": "coco", "annotations": annotations,

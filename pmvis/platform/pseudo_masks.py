@@ -279,7 +279,9 @@ def generate_pseudo_masks(
     available = set(stored_sources(raw_dir))
     summary = RunSummary()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    # Our own per-source bar (below) shows progress with an ETA; Ray Data's bars, which outside a
+    # terminal become a multi-line "logging_progress" block every few seconds, stay off.
+    ctx.enable_progress_bars = False
 
     for name in _source_order(config.sources, available, config.source_options):
         spec = get_source_spec(name)

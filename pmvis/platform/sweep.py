@@ -130,6 +130,11 @@ class SweepResult:
 # ----------------------------------------------------------------------------- configs
 
 
+# Tune's console output: status tables only (3, its default, also prints every trial's full
+# result table at every report: dozens of loss terms that MLflow and `pmvis compare` show better).
+TUNE_VERBOSITY = 1
+
+
 def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """Nested ``--set`` values → (TrainConfig values, FuseConfig values, FilterConfig values):
     the top-level keys ``fuse`` and ``filter`` go to those configs, everything else to training."""
@@ -561,6 +566,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                                         scheduler=build_scheduler(cfg.scheduler, train_values)),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage,
+                verbose=TUNE_VERBOSITY,
                 failure_config=tune.FailureConfig(max_failures=cfg.trial_retries),
                 callbacks=[ResumableMLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.name,
                                                 save_artifact=False)]),
