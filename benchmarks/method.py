@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, train_side_by_side
-    from pmvis.models.filters import FilterConfig, filter_annotations
+    from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, filter_config, train_side_by_side
+    from pmvis.models.filters import filter_annotations
     from pmvis.models.fusion import fuse_annotations
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
     from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     options["track"]["actors"] = cpus
     generate_pseudo_masks(data_dir, pm_dir, build_config(
         PseudoMaskConfig, {"sources": ["grabcut", "track", "boxinst"], "source_options": options}, source="benchmark"))
-    filter_cfg = FilterConfig()
+    filter_cfg = filter_config(TRACK_OPTIONS)
     tracks = read_raw(pm_dir / "raw")
     save_ytvis(fuse_annotations(annotations, tracks, filter_cfg.fuse), out / "train_pseudo.json")
     filter_annotations(annotations, tracks, filter_cfg)  # timed with the masks; the report repeats it

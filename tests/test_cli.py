@@ -109,3 +109,12 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
         train_side_by_side([cfg])
     assert not isinstance(err.value, ray_session.exceptions.RayTaskError)  # Ray subclasses the cause
     assert str(missing) in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_demo_missing_data_threshold_follows_the_tracker_engine():
+    """The flow engine's confidences are not SAM 2's object scores: Missing-Data takes what it reports."""
+    from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
+    from pmvis.models.sources.track import TrackConfig
+
+    assert filter_config(dict(TRACK_OPTIONS)).missing_min_confidence == TrackConfig().flow_present_threshold
+    assert filter_config({"engine": "sam2"}).missing_min_confidence == 0.8
