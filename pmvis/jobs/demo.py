@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     def train_config(name: str, mode: str, cpus_per_worker: int, **data: Any) -> Any:
         cfg = TrainConfig.tiny(
             data_dir, iterations=iterations, run_name=name, **lr, storage_path=str(out / "runs"), init_from=start_weights,
-            experiment=TRAIN_EXPERIMENT, tracking_uri=tracking_uri, checkpoint_every=max(iterations // 2, 1),
+            experiment=TRAIN_EXPERIMENT, tracking_uri=tracking_uri, checkpoint_every=iterations,
             cpus_per_worker=cpus_per_worker,
             lr_steps=[int(iterations * 0.8)], loss={"mode": mode},
             data={"eval_annotations": "truth.json", **data},
