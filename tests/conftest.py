@@ -36,6 +36,18 @@ def tiny_ytvis() -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's in-process model tests: the tiny model runs as fast on
+    one thread, and far faster when other processes share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one local Ray of the test session (2 CPUs, small object store, no dashboard).

@@ -19,12 +19,7 @@ from pmvis.platform.vis_data import ClipBatch, ClipSampler, _Frame
 STRIDE = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clip(height: int, width: int, seed: int) -> list[_Frame]:
