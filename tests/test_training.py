@@ -247,18 +247,19 @@ def _mlflow_runs(tracking_uri, experiment):
 
 
 def _progress_lines(run_name):
-    """(world rank, message) of a run's progress lines, from Ray Train's worker log files (JSON
-    records; the session's Ray does not forward worker output to this process)."""
+    """(world rank, message) of a run's progress lines in the order they were written, from Ray
+    Train's worker log files (JSON records; the session's Ray does not forward worker output to this
+    process). Files are named by random worker ids, so order comes from each record's time."""
     import glob
 
     logs = os.path.join(_ray_session_dir(), "logs", "train")
-    out = []
-    for path in sorted(glob.glob(os.path.join(logs, "ray-train-app-worker-*.log"))):
+    records = []
+    for path in glob.glob(os.path.join(logs, "ray-train-app-worker-*.log")):
         with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        out += [(r.get("world_rank"), r["message"]) for r in records
-                if r.get("run_name") == run_name and " iter: " in r.get("message", "")]
-    return out
+            records += [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if r.get("run_name") == run_name and " iter: " in r.get("message", "")]
+    records.sort(key=lambda r: (int(r.get("timestamp_ns", 0)), r.get("asctime", "")))
+    return [(r.get("world_rank"), r["message"]) for r in records]
 
 
 def _ray_session_dir():
