@@ -25,22 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.jobs.fuse import check_output, config_path_for
+    from pmvis.jobs.fuse import config_path_for
     from pmvis.models.filters import REPORT_KINDS, FilterConfig, filter_annotations
     from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
     from pmvis.platform.config import dump_config, load_config
     from pmvis.platform.errors import PmvisError
     from pmvis.platform.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
+    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FilterConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)
-    check_output(args.out, dataset.path)
+    check_output_for_dataset(args.out, dataset)
     report_path = args.report if args.report is not None else args.out.with_suffix(".report.json")
     config_file = config_path_for(args.out)
     if len({args.out.resolve(), report_path.resolve(), config_file.resolve()}) < 3:
         raise PmvisError(f"{report_path}: the report path must differ from --out and {config_file}")
-    check_output(report_path, dataset.path)
+    check_output_for_dataset(report_path, dataset, flag="--report")
+    check_output_for_dataset(config_file, dataset, flag="--out's config file")
     raw_dir = resolve_raw_dir(args.raw)
     # Read only the sources the enabled filters use (None: every source in the store).
     sources: list[str] | None = []

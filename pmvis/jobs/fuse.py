@@ -28,13 +28,6 @@ def config_path_for(out: Path) -> Path:
     return out.with_suffix(".config.yaml")
 
 
-def check_output(out: Path, dataset_path: Path | None) -> None:
-    from pmvis.platform.errors import PmvisError
-
-    if out.is_dir():
-        raise PmvisError(f"{out}: is a directory; --out must be a file path")
-    if dataset_path is not None and out.resolve() == Path(dataset_path).resolve():
-        raise PmvisError(f"{out}: would overwrite the input annotation file; choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
     from pmvis.platform.config import dump_config, load_config
     from pmvis.platform.io import write_text_atomic
-    from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
+    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FuseConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)
-    check_output(args.out, dataset.path)
+    check_output_for_dataset(args.out, dataset)
+    check_output_for_dataset(config_path_for(args.out), dataset, flag="--out's config file")
     raw_dir = resolve_raw_dir(args.raw)
     tracks = read_raw(raw_dir, sources=config.sources)
     fused, s = fuse_with_stats(dataset, tracks, config)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.models.vis.inference import InferenceConfig, load_inference_model, predict_dataset, resolve_category_ids
     from pmvis.platform.config import build_config, load_config
     from pmvis.platform.errors import PmvisError
-    from pmvis.platform.ytvis import load_dataset_dir, save_results
+    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_results
 
     overrides = parse_overrides(args.overrides)
     if args.device is not None:
@@ -92,11 +92,8 @@ def run(args: argparse.Namespace) -> int:
     # `--set test_short_side=null` (native size) must apply.
     config = load_config(InferenceConfig, args.config)
     config = build_config(InferenceConfig, {**config.model_dump(), **overrides}, source="--set")
-    if args.out.is_dir():
-        raise PmvisError(f"{args.out}: is a directory; --out must be a file path")
     dataset = load_dataset_dir(args.data, args.annotations)
-    if args.out.resolve() == Path(dataset.path).resolve():
-        raise PmvisError(f"{args.out}: would overwrite the input annotation file; choose another --out")
+    check_output_for_dataset(args.out, dataset)
     video_ids = parse_video_ids(args.videos)
     if video_ids is not None:
         unknown = [v for v in video_ids if v not in dataset.videos]

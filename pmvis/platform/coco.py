@@ -15,23 +15,19 @@ out of the image by at most ``BOX_TOLERANCE_PX`` (then it is clipped), further i
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.ytvis import (
-    BOX_TOLERANCE_PX, YTVISDataset, _Problems, _read_json, check_file_name, parse_ytvis,
+    BOX_TOLERANCE_PX, MAX_IMAGE_SIDE_PX, YTVISDataset, _Problems, _read_json, check_file_name, is_finite_number,
+    parse_ytvis,
 )
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
@@ -62,6 +58,9 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
         w, h = im.get("width"), im.get("height")
         if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
             problems.add(f"{where}: 'width' and 'height' must be positive integers, got {w!r}x{h!r}")
+            continue
+        if max(w, h) > MAX_IMAGE_SIDE_PX:
+            problems.add(f"{where}: image size {w}x{h} exceeds the largest supported side, {MAX_IMAGE_SIDE_PX} px")
             continue
         try:
             name = check_file_name(im.get("file_name"))
@@ -104,7 +103,7 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
             problems.add(f"{where}: 'category_id' {cid!r} is not a category of this file")
             continue
         box = a.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(b) for b in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(is_finite_number(b) for b in box)):
             problems.add(f"{where}: 'bbox' must be [x, y, w, h] of 4 finite numbers, got {box!r}")
             continue
         x, y, bw, bh = (float(b) for b in box)
@@ -126,7 +125,7 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
         annotations.append({
             "id": aid, "video_id": iid, "category_id": cid, "iscrowd": iscrowd,
             "bboxes": [[x0, y0, x1 - x0, y1 - y0]], "segmentations": [a.get("segmentation")],
-            "areas": [float(area) if _finite_number(area) and area >= 0 else (x1 - x0) * (y1 - y0)],
+            "areas": [float(area) if is_finite_number(area) and area >= 0 else (x1 - x0) * (y1 - y0)],
         })
     problems.raise_if_any()
     used = {a["video_id"] for a in annotations}

@@ -6,13 +6,13 @@ Every knob of a run has its default in exactly one place: the field of its confi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pmvis.platform.errors import PmvisError
+from pmvis.platform.io import read_text_utf8
 
 C = TypeVar("C", bound="StrictConfig")
 
@@ -39,12 +39,32 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, source: str = "conf
         raise PmvisError(_format_validation_error(source, e)) from None
 
 
-def parse_yaml_mapping(text: str, source: str, what: str = "a mapping of config keys") -> dict[str, Any]:
-    """YAML text that must hold a mapping (empty → {}); errors name ``source``."""
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (``*name``): nested aliases expand exponentially (a
+    "billion laughs" file takes minutes and gigabytes), and config files have no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in pmvis files; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` without aliases; a syntax error is a PmvisError naming ``source``."""
     try:
-        loaded = yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise PmvisError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise PmvisError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def parse_yaml_mapping(text: str, source: str, what: str = "a mapping of config keys") -> dict[str, Any]:
+    """YAML text that must hold a mapping (empty → {}); errors name ``source``."""
+    loaded = safe_load_yaml(text, source)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -62,10 +82,7 @@ def load_config(
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise PmvisError(f"{path}: cannot read config: {e.strerror}") from None
+        text = read_text_utf8(path)
         values.update(parse_yaml_mapping(text, str(path)))
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -21,11 +21,11 @@ from pmvis.platform.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
 from pmvis.platform.io import atomic_path, write_json_atomic, write_text_atomic
 from pmvis.platform.raw_masks import RAW_DIRNAME, RawTrack, read_raw
-from pmvis.platform.ytvis import Annotation, YTVISDataset, box_mask_rle, decode_mask, load_dataset_dir, load_ytvis
+from pmvis.platform.ytvis import (
+    DEFECTS_FILENAME, TRUTH_FILENAME, Annotation, YTVISDataset, box_mask_rle, decode_mask, load_dataset_dir, load_ytvis,
+)
 
 IOU_LEVELS = (0.5, 0.75)
-DEFECTS_FILENAME = "defects.json"
-TRUTH_FILENAME = "truth.json"
 
 
 class ReportConfig(StrictConfig):

@@ -48,6 +48,7 @@ from typing import Any, Iterable, Mapping, Union
 from pydantic import BaseModel, ValidationError
 
 from pmvis.platform.config import parse_yaml_mapping
+from pmvis.platform.io import read_text_utf8
 from pmvis.platform.errors import PmvisError
 
 # Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
@@ -395,10 +396,7 @@ def _read_space_text(name_or_path: str | Path, relative_to: Path | None) -> tupl
     if not path.is_file():
         raise PmvisError(f"no search space {text_name!r}: not a packaged space "
                          f"({', '.join(list_spaces())}) and not a file")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise PmvisError(f"{path}: cannot read search space: {e.strerror}") from None
+    text = read_text_utf8(path)
     name = path.name[: -len(SPACE_SUFFIX)] if path.name.endswith(SPACE_SUFFIX) else path.name
     return name, str(path), text
 

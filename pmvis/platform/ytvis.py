@@ -19,16 +19,38 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import write_json_atomic
+from pmvis.platform.io import check_output_file, read_text_utf8, write_json_atomic
 
 # A box may overhang the image by this much (pixels) before it is an error: boxes derived from
 # polygons or resized annotations land a fraction of a pixel outside.
 BOX_TOLERANCE_PX = 1.0
+# A polygon vertex may lie this far (pixels) outside the image; further is an error. pycocotools
+# allocates in proportion to the coordinates, so unbounded ones crash or exhaust memory.
+POLYGON_TOLERANCE_PX = 1.0
+# Largest accepted frame side (pixels): 16K video is 15360 wide. A bound keeps every mask
+# decode (H * W bytes) and every pycocotools size field small, whatever a file claims.
+MAX_IMAGE_SIDE_PX = 16384
 # How many problems one validation error lists before "... and N more".
 MAX_REPORTED_ERRORS = 20
 FRAMES_DIRNAME = "JPEGImages"
+# A JPEG starts with SOI and ends with EOI; encoders may pad after EOI with zero bytes.
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+JPEG_TRAILING_PADDING = b"\x00"
 
 Rle = dict  # {"size": [H, W], "counts": str}
+
+
+def _frame_file_problem(path: Path, real_root: str) -> str | None:
+    """Why ``path`` is not a usable frame file (None if it is): missing, or its real path (symlinks
+    followed) outside the frames root's real path ``real_root``, since a link must not pull in files
+    from elsewhere."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) != real_root:
+        return f"frame file {path} resolves to {real}, outside the frames root {real_root}"
+    if not os.path.isfile(real):
+        return f"frame file {path} is missing"
+    return None
 
 
 @dataclass
@@ -90,21 +112,45 @@ class YTVISDataset:
             ],
         }
 
+    def _where(self, video_id: int, frame: int) -> str:
+        prefix = f"{self.path}: " if self.path is not None else ""
+        return f"{prefix}video id={video_id}, frame {frame}"
+
     def frame_path(self, video_id: int, frame: int) -> Path:
         if self.frames_root is None:
             raise PmvisError(f"{self.path}: no frames root known for this dataset")
         return self.frames_root / self.videos[video_id].file_names[frame]
 
+    def checked_frame_path(self, video_id: int, frame: int) -> Path:
+        """The frame's path, refused unless it is a file whose real path (symlinks followed) lies
+        inside the frames root's real path: a link must not pull files from elsewhere."""
+        path = self.frame_path(video_id, frame)
+        problem = _frame_file_problem(path, os.path.realpath(self.frames_root))
+        if problem:
+            raise PmvisError(f"{self._where(video_id, frame)}: {problem}")
+        return path
+
     def read_frame(self, video_id: int, frame: int) -> np.ndarray:
-        """RGB uint8 (H, W, 3); a missing, corrupt or wrong-sized file is a PmvisError naming it."""
+        """RGB uint8 (H, W, 3); a missing, corrupt, truncated or wrong-sized file is a PmvisError.
+
+        The bytes are read by Python and decoded by ``cv2.imdecode``: ``cv2.imread`` crashes the
+        process on a name that is not valid UTF-8 and decodes a truncated JPEG without an error.
+        """
         import cv2
 
         video = self.videos[video_id]
-        path = self.frame_path(video_id, frame)
-        where = f"video id={video_id}, frame {frame} ({path})"
-        if not path.is_file():
-            raise PmvisError(f"{where}: frame file is missing")
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        path = self.checked_frame_path(video_id, frame)
+        where = f"{self._where(video_id, frame)} ({path})"
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise PmvisError(f"{where}: cannot read frame file: {e.strerror}") from None
+        if data.startswith(JPEG_SOI) and not data.rstrip(JPEG_TRAILING_PADDING).endswith(JPEG_EOI):
+            raise PmvisError(f"{where}: truncated JPEG (no end-of-image marker)")
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        except cv2.error:
+            image = None
         if image is None:
             raise PmvisError(f"{where}: cannot decode image (corrupt or not an image)")
         if image.shape[:2] != (video.height, video.width):
@@ -200,6 +246,75 @@ def _compressed_rle_total(counts: str) -> int:
     return total
 
 
+# pycocotools writes a run (a delta from the run two back) in at most 7 characters of 5 bits:
+# a uint32 count's delta fits in 35 bits. A longer run is malformed (and would overflow int64).
+_MAX_RUN_CHARS = 7
+
+
+def compressed_rle_totals(counts: Sequence[str]) -> np.ndarray:
+    """Vectorised :func:`_compressed_rle_total` over many strings: each one's pixel total, or -1
+    where it is malformed (bad character, truncated or over-long run, negative run length).
+
+    Numpy over the concatenated characters, so validating a whole raw-store file costs about as
+    much as reading it (the per-character Python loop takes ~1 ms per 720p mask)."""
+    n = len(counts)
+    totals = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return totals
+    encoded = []
+    for c in counts:
+        try:
+            encoded.append(c.encode("ascii") if isinstance(c, str) else b"\x00")
+        except UnicodeEncodeError:
+            encoded.append(b"\x00")  # not in pycocotools' alphabet: flagged below
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=n)
+    bad = np.zeros(n, dtype=bool)
+    if lengths.sum() == 0:
+        return totals
+    c = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int64) - 48
+    sid = np.repeat(np.arange(n), lengths)
+    bad[sid[(c < 0) | (c > 63)]] = True
+    c &= 63
+    more = (c & 0x20) != 0
+    last = np.cumsum(lengths)[lengths > 0] - 1
+    bad[sid[last[more[last]]]] = True  # the last run of a string is unfinished: truncated
+    run_end = ~more
+    run_end[last] = True  # never let a run continue into the next string
+    ends = np.flatnonzero(run_end)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    run_len = ends - starts + 1
+    run_sid = sid[starts]
+    bad[run_sid[run_len > _MAX_RUN_CHARS]] = True
+    run_len = np.minimum(run_len, _MAX_RUN_CHARS)
+    k = np.minimum(np.arange(len(c)) - np.repeat(starts, ends - starts + 1), _MAX_RUN_CHARS - 1)
+    d = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    negative = (c[ends] & 0x10) != 0
+    d[negative] -= np.left_shift(1, 5 * run_len[negative])  # sign extension
+    # Run j >= 3 is stored as a delta from run j - 2: cumulative sums along each string's odd
+    # chain (runs 1, 3, ...) and even chain (runs 2, 4, ...; run 0 stands alone).
+    first_run = np.searchsorted(run_sid, run_sid)  # index of the first run of each run's string
+    j = np.arange(len(ends)) - first_run
+    runs = d.copy()
+    for in_chain in ((j % 2 == 1), (j % 2 == 0) & (j > 0)):
+        cs = np.cumsum(np.where(in_chain, d, 0))
+        runs = np.where(in_chain, cs - cs[first_run], runs)  # run 0 is in neither chain
+    bad[run_sid[runs < 0]] = True
+    string_starts = np.flatnonzero(j == 0)
+    totals[run_sid[string_starts]] = np.add.reduceat(runs, string_starts)
+    totals[bad] = -1
+    return totals
+
+
+def is_finite_number(v: Any) -> bool:
+    """A real number (not a bool) that converts to a finite float; a huge int is not."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def normalise_segmentation(seg: Any, height: int, width: int) -> Rle | None:
     """Polygon list, uncompressed RLE or compressed RLE → compressed RLE; raises ValueError."""
     if seg is None:
@@ -211,8 +326,15 @@ def normalise_segmentation(seg: Any, height: int, width: int) -> Rle | None:
         for poly in seg:
             if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
                 raise ValueError("a polygon must be a flat list of at least 3 (x, y) pairs")
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly):
+            if not all(is_finite_number(v) for v in poly):
                 raise ValueError("polygon coordinates must be finite numbers")
+            xs, ys = [float(v) for v in poly[0::2]], [float(v) for v in poly[1::2]]
+            tol = POLYGON_TOLERANCE_PX
+            if min(xs) < -tol or min(ys) < -tol or max(xs) > width + tol or max(ys) > height + tol:
+                raise ValueError(
+                    f"polygon spans x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}: "
+                    f"outside the {width}x{height} image"
+                )
             polys.append([float(v) for v in poly])
         rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
         return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
@@ -284,20 +406,27 @@ def check_file_name(name: Any) -> str:
         raise ValueError(f"file name {name!r} is absolute; it must be relative to the frames root")
     if ".." in p.parts:
         raise ValueError(f"file name {name!r} contains '..' and could escape the frames root")
+    if "\x00" in name:
+        raise ValueError(f"file name {name!r} contains a NUL character")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"file name {name!r} is not valid Unicode (a lone surrogate; undecodable bytes?)") from None
     return name
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PmvisError(f"{path}: file not found") from None
-    except OSError as e:
-        raise PmvisError(f"{path}: cannot read: {e.strerror}") from None
+    """Parse a JSON input file; undecodable bytes, bad syntax, numbers Python refuses and absurd
+    nesting are PmvisErrors naming the file (JSON is UTF-8 by RFC 8259, whatever the locale)."""
+    text = read_text_utf8(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise PmvisError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # e.g. an integer literal longer than sys.get_int_max_str_digits()
+        raise PmvisError(f"{path}: malformed JSON: {e}") from None
+    except RecursionError:
+        raise PmvisError(f"{path}: malformed JSON: nested too deeply") from None
 
 
 def _parse_videos(raw: Any, problems: _Problems) -> dict[int, Video]:
@@ -320,6 +449,9 @@ def _parse_videos(raw: Any, problems: _Problems) -> dict[int, Video]:
         w, h = v.get("width"), v.get("height")
         if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
             problems.add(f"{where}: 'width' and 'height' must be positive integers, got {w!r}x{h!r}")
+            continue
+        if max(w, h) > MAX_IMAGE_SIDE_PX:
+            problems.add(f"{where}: frame size {w}x{h} exceeds the largest supported side, {MAX_IMAGE_SIDE_PX} px")
             continue
         names = v.get("file_names")
         if not isinstance(names, list):
@@ -364,7 +496,7 @@ def _parse_categories(raw: Any, problems: _Problems) -> dict[int, str]:
 def _check_box(box: Any, video: Video) -> list[float]:
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         raise ValueError(f"box must be [x, y, w, h], got {box!r}")
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in box):
+    if not all(is_finite_number(b) for b in box):
         raise ValueError(f"box must hold 4 finite numbers, got {box!r}")
     x, y, w, h = (float(b) for b in box)
     if w < 0 or h < 0:
@@ -402,7 +534,7 @@ def _parse_annotation(
         problems.add(f"{where}: 'video_id' {vid!r} is not a video of this file")
         return None
     cid = a.get("category_id")
-    if cid not in cats or not _is_int(cid):
+    if not _is_int(cid) or cid not in cats:
         problems.add(f"{where}: 'category_id' {cid!r} is not a category of this file")
         return None
     T = video.length
@@ -432,7 +564,7 @@ def _parse_annotation(
             box = [float(b) for b in mask_utils.toBbox(_to_coco(rle))]
         area = areas[t]
         if area is not None:
-            if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+            if not is_finite_number(area) or area < 0:
                 problems.add(f"{at}: area must be a non-negative number, got {area!r}")
         elif rle is not None:
             area = float(mask_utils.area(_to_coco(rle)))
@@ -503,11 +635,12 @@ def load_ytvis(
     dataset.frames_root = Path(frames_root) if frames_root is not None else path.parent / FRAMES_DIRNAME
     if check_frames:
         problems = _Problems(str(path))
+        real_root = os.path.realpath(dataset.frames_root)
         for video in dataset.videos.values():
             for t, name in enumerate(video.file_names):
-                f = dataset.frames_root / name
-                if not f.is_file():
-                    problems.add(f"video id={video.id}, frame {t}: frame file {f} is missing")
+                problem = _frame_file_problem(dataset.frames_root / name, real_root)
+                if problem:
+                    problems.add(f"video id={video.id}, frame {t}: {problem}")
         problems.raise_if_any()
     return dataset
 
@@ -550,11 +683,12 @@ def parse_results(raw: Any, gt: YTVISDataset, *, source: str = "<memory>") -> li
         if video is None:
             problems.add(f"{where}: video id is not in the ground truth")
             continue
-        if r.get("category_id") not in gt.categories:
-            problems.add(f"{where}: category_id {r.get('category_id')!r} is not in the ground truth")
+        cid = r.get("category_id")
+        if not _is_int(cid) or cid not in gt.categories:
+            problems.add(f"{where}: category_id {cid!r} is not in the ground truth")
             continue
         score = r.get("score")
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        if not is_finite_number(score):
             problems.add(f"{where}: 'score' must be a finite number, got {score!r}")
             continue
         segs = r.get("segmentations")
@@ -584,6 +718,10 @@ def save_results(results: Iterable[Result], path: str | os.PathLike) -> None:
 
 
 ANNOTATIONS_FILENAME = "annotations.json"
+# The other files of a dataset directory as `pmvis synth` writes it (read by `pmvis report`).
+TRUTH_FILENAME = "truth.json"
+DEFECTS_FILENAME = "defects.json"
+DATASET_FILENAMES = (ANNOTATIONS_FILENAME, TRUTH_FILENAME, DEFECTS_FILENAME)
 
 
 def load_dataset_dir(
@@ -599,3 +737,15 @@ def load_dataset_dir(
         raise PmvisError(f"{data_dir}: dataset directory not found")
     path = data_dir / (annotations if annotations is not None else ANNOTATIONS_FILENAME)
     return load_ytvis(path, frames_root=data_dir / FRAMES_DIRNAME, check_frames=check_frames)
+
+
+def check_output_for_dataset(out: str | os.PathLike, dataset: YTVISDataset, *, flag: str = "--out") -> None:
+    """Refuse an output path that is a directory, lies under a regular file, or would overwrite the
+    dataset's annotation file in use, one of its standard files (annotations, truth, defects) or
+    anything in its frames directory."""
+    inputs: list[Path] = [dataset.path] if dataset.path is not None else []
+    dirs: list[Path] = []
+    if dataset.frames_root is not None:
+        inputs += [dataset.frames_root.parent / name for name in DATASET_FILENAMES]
+        dirs.append(dataset.frames_root)
+    check_output_file(out, inputs=inputs, input_dirs=dirs, flag=flag)
