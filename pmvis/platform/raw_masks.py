@@ -14,7 +14,9 @@ so the expensive models never run twice.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.io import atomic_path
-from pmvis.platform.ytvis import Rle
+from pmvis.platform.ytvis import MAX_IMAGE_SIDE_PX, Rle, _Problems, compressed_rle_totals
 
 RAW_DIRNAME = "raw"
 SCHEMA = pa.schema([
@@ -94,35 +96,89 @@ def resolve_raw_dir(out_dir: str | os.PathLike) -> Path:
                      f"run `pmvis pseudo-masks` first)")
 
 
+# The stored files' names, as raw_file() writes them.
+_VIDEO_FILE = re.compile(r"video_(\d+)\.parquet")
+
+
+def stored_video_files(raw_dir: str | os.PathLike) -> dict[Path, tuple[str, int]]:
+    """The store's files (path -> (source, video id)), sorted by path: regular files named as
+    raw_file() names them. Anything else (notes, our own ``.tmp`` files, folders without the
+    ``source=`` prefix, other tools' files) is not part of the store and is ignored."""
+    out: dict[Path, tuple[str, int]] = {}
+    for f in sorted(Path(raw_dir).glob("source=*/*.parquet")):
+        m = _VIDEO_FILE.fullmatch(f.name)
+        if m and f.is_file():
+            out[f] = (f.parent.name.split("=", 1)[1], int(m.group(1)))
+    return out
+
+
 def stored_sources(raw_dir: str | os.PathLike) -> list[str]:
     """The sources that have at least one stored video."""
-    return sorted(p.name.split("=", 1)[1] for p in Path(raw_dir).glob("source=*")
-                  if p.is_dir() and any(p.glob("video_*.parquet")))
+    return sorted({source for source, _ in stored_video_files(raw_dir).values()})
+
+
+def _check_rows(path: Path, d: dict[str, list], source: str, video_id: int) -> None:
+    """Validate one file's rows before any mask is used: a corrupt or truncated RLE makes
+    pycocotools' merge loop forever and its decode write out of bounds, so every mask's runs must
+    cover exactly height * width pixels; sizes must be sane, confidences not infinite, and the
+    rows those of the file's (source, video)."""
+    problems = _Problems(f"{path}: corrupt raw pseudo-mask file")
+    counts: list[str] = []
+    owners: list[tuple[int, int]] = []  # (row, frame) of each entry of ``counts``
+    for i in range(len(d["video_id"])):
+        where = f"video id={d['video_id'][i]}, annotation id={d['annotation_id'][i]}"
+        if d["annotation_id"][i] is None or (d["video_id"][i], d["source"][i]) != (video_id, source):
+            problems.add(f"row {i} ({where}, source {d['source'][i]!r}): expected an annotation of "
+                         f"video id={video_id} from source {source!r}, as the file name says")
+            continue
+        h, w = d["height"][i], d["width"][i]
+        masks, confs = d["masks"][i], d["confidences"][i]
+        if h is None or w is None or not (0 < h <= MAX_IMAGE_SIDE_PX and 0 < w <= MAX_IMAGE_SIDE_PX):
+            problems.add(f"{where}: frame size {w}x{h} is not between 1 and {MAX_IMAGE_SIDE_PX} px")
+            continue
+        if masks is None or confs is None or len(masks) != len(confs):
+            problems.add(f"{where}: 'masks' and 'confidences' must be lists of one length")
+            continue
+        for t, (m, c) in enumerate(zip(masks, confs)):
+            if c is not None and math.isinf(c):  # NaN is allowed: fusion counts it as 0
+                problems.add(f"{where}, frame {t}: confidence {c} is infinite")
+            if m is not None:
+                counts.append(m)
+                owners.append((i, t))
+    totals = compressed_rle_totals(counts)
+    for (i, t), total in zip(owners, totals):
+        expected = d["height"][i] * d["width"][i]
+        if total != expected:
+            what = "malformed (bad character, truncated or negative run)" if total < 0 else f"covers {total} pixels"
+            problems.add(f"video id={d['video_id'][i]}, annotation id={d['annotation_id'][i]}, frame {t}: "
+                         f"mask RLE {what}, expected {expected} ({d['height'][i]}x{d['width'][i]})")
+    problems.raise_if_any()
 
 
 def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None) -> list[RawTrack]:
-    """Every stored track (optionally only some sources); an empty or missing store, or a requested
-    source absent from it, is an error."""
+    """Every stored track (optionally only some sources); an empty or missing store, a requested
+    source absent from it, or a corrupt file (PmvisError naming file, video, annotation, frame)
+    is an error. Files not named as the store names them are ignored (see stored_video_files)."""
     raw_dir = Path(raw_dir)
-    files = sorted(raw_dir.glob("source=*/video_*.parquet"))
+    files = stored_video_files(raw_dir)
     if sources is not None:
         sources = list(dict.fromkeys(sources))
-        available = stored_sources(raw_dir)
+        available = sorted({source for source, _ in files.values()})
         absent = [s for s in sources if s not in available]
         if absent:
             raise PmvisError(f"{raw_dir}: source(s) {absent} not in the raw pseudo-mask store "
                              f"(it has {available or 'no sources'})")
-        wanted = {f"source={s}" for s in sources}
-        files = [f for f in files if f.parent.name in wanted]
+        files = {f: key for f, key in files.items() if key[0] in sources}
     if not files:
         raise PmvisError(f"{raw_dir}: no raw pseudo masks found (run `pmvis pseudo-masks` first)")
     tracks: list[RawTrack] = []
-    for f in files:
+    for f, (source, video_id) in files.items():
         try:
             table = pq.read_table(f, schema=SCHEMA)
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise PmvisError(f"{f}: unreadable raw pseudo-mask file: {e}") from None
         d = table.to_pydict()
+        _check_rows(f, d, source, video_id)
         for i in range(table.num_rows):
             size = [d["height"][i], d["width"][i]]
             tracks.append(RawTrack(
