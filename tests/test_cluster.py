@@ -28,6 +28,8 @@ import pytest
 import yaml
 from raw_store_for_tests import make_store
 
+from pmvis.platform.errors import PmvisError
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
 WORLD = ("0.0.0.0/0", "::/0")
@@ -100,6 +102,10 @@ def test_no_port_open_to_the_world(cluster_config):
     # The dashboard (job API) listens on localhost only; reach it through an SSH tunnel.
     head = " ".join(cluster_config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
+    # MLflow has no authentication: it binds the head's private address, never every interface.
+    mlflow_cmd = next(c for c in cluster_config["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--host $(hostname -I | awk '{print $1}')" in mlflow_cmd and "0.0.0.0" not in mlflow_cmd
+    assert not any("127.0.0.1:5000" in c for c in cluster_config["head_setup_commands"])
 
 
 def test_cluster_runs_mlflow_on_the_head_and_pmvis_from_uv(cluster_config):
@@ -200,6 +206,36 @@ def test_pmvis_turns_the_uv_run_hook_off_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv(UV_RUN_HOOK_ENV, "1")
     use_installed_environment()
     assert os.environ[UV_RUN_HOOK_ENV] == "1"
+
+
+def test_pmvis_turns_token_auth_on_and_local_metrics_off_unless_the_user_set_them(monkeypatch):
+    from pmvis.platform.cluster import RAY_AUTH_MODE_ENV, RAY_METRICS_ENV, use_installed_environment
+
+    monkeypatch.delenv(RAY_AUTH_MODE_ENV, raising=False)
+    monkeypatch.delenv(RAY_METRICS_ENV, raising=False)
+    use_installed_environment()
+    assert os.environ[RAY_AUTH_MODE_ENV] == "token" and os.environ[RAY_METRICS_ENV] == "0"
+    monkeypatch.setenv(RAY_METRICS_ENV, "1")
+    use_installed_environment()
+    assert os.environ[RAY_METRICS_ENV] == "1"
+
+
+def test_the_test_sessions_ray_requires_the_token(ray_session):
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
+
+
+def test_no_local_ray_without_token_auth_unless_asked(monkeypatch, ray_session):
+    from pmvis.platform.cluster import ALLOW_NO_AUTH_ENV, RAY_AUTH_MODE_ENV, connect
+
+    monkeypatch.setenv(RAY_AUTH_MODE_ENV, "disabled")
+    monkeypatch.delenv(ALLOW_NO_AUTH_ENV, raising=False)
+    # Refused before Ray is touched (here a Ray is already up: connect() would otherwise reuse it).
+    with pytest.raises(PmvisError, match=rf"RAY_AUTH_MODE=disabled.*{ALLOW_NO_AUTH_ENV}=1"):
+        connect("local")
+    monkeypatch.setenv(ALLOW_NO_AUTH_ENV, "1")
+    connect("local")  # asked for explicitly: the running Ray is reused
 
 
 @pytest.mark.slow

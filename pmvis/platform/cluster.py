@@ -16,14 +16,36 @@ LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never reachable from other machines
 # create it. pmvis is installed wherever it runs (`uv sync` here, cluster.yaml's setup commands on
 # a cluster, `--working-dir` for job code), so its commands turn the hook off unless the user set it.
 UV_RUN_HOOK_ENV = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
+# Token authentication: every Ray RPC needs the cluster's token (~/.ray/auth_token, generated for a
+# local Ray). pmvis turns it on itself rather than relying on Ray's default, and refuses to start a
+# local Ray without it unless the user sets ALLOW_NO_AUTH_ENV=1: Ray's servers listen on every
+# interface, so an unauthenticated Ray lets anyone on the network run code as this user.
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+ALLOW_NO_AUTH_ENV = "PMVIS_ALLOW_UNAUTHENTICATED_RAY"
+# A local Ray's metrics agent serves Prometheus on 0.0.0.0; pmvis reads none of it, so a local Ray
+# runs without metrics collection unless the user sets the switch.
+RAY_METRICS_ENV = "RAY_enable_metrics_collection"
 
 
 def use_installed_environment() -> None:
     """Run Ray workers in the installed environment, not through `uv run` (see UV_RUN_HOOK_ENV).
 
-    Ray reads the switch when it is imported: call this before anything imports ray.
+    Also turns on token authentication and (for a local Ray) off the metrics endpoint. Ray reads
+    these switches when it is imported: call this before anything imports ray.
     """
     os.environ.setdefault(UV_RUN_HOOK_ENV, "0")
+    os.environ.setdefault(RAY_AUTH_MODE_ENV, "token")
+    os.environ.setdefault(RAY_METRICS_ENV, "0")
+
+
+def check_local_auth() -> None:
+    """Refuse to start a local Ray without token authentication unless the user asked for it."""
+    mode = os.environ.get(RAY_AUTH_MODE_ENV, "token").lower()
+    if mode != "token" and os.environ.get(ALLOW_NO_AUTH_ENV) != "1":
+        raise PmvisError(
+            f"{RAY_AUTH_MODE_ENV}={mode}: pmvis will not start a local Ray without token authentication "
+            f"(Ray listens on every network interface, so anyone who can reach this machine could run code "
+            f"as you). Unset {RAY_AUTH_MODE_ENV}, or set {ALLOW_NO_AUTH_ENV}=1 to start it anyway.")
 
 
 def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
@@ -34,6 +56,10 @@ def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    starts_local = address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS")
+                                          and not _running_cluster())
+    if starts_local:
+        check_local_auth()
     if ray.is_initialized():
         return
     # The dashboard (local only, 127.0.0.1) serves Ray's state API: Train V2 needs it to free the
@@ -44,7 +70,7 @@ def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
     job_env = {"runtime_env": job_runtime_env()}
     install_driver_log_filters()
     try:
-        if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS") and not _running_cluster()):
+        if starts_local:
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs,
                      **job_env)
         elif address == "auto":
