@@ -4,6 +4,8 @@
 pool, which kills its own actor (ray.kill) on its first call when its `kill_marker` option names a
 file that does not exist yet (so exactly one kill per test). `grown`: starts from `fillbox`
 masks and returns them unchanged, to check that init masks reach a dependent source.
+`failing` / `failing_actor`: the filled box, but every attempt at one video crashes its worker
+(SIGSEGV) or raises PmvisError.
 """
 
 from __future__ import annotations
@@ -65,3 +67,38 @@ class _Grown:
 register_source("fillbox", SourceSpec(SourceConfig, lambda cfg: _filled, uses_model=False))
 register_source("fillbox_actor", SourceSpec(KillConfig, _KillOnce, uses_model=True))
 register_source("grown", SourceSpec(SourceConfig, lambda cfg: _Grown(), uses_model=False, needs_init_from="fillbox"))
+
+
+class FailConfig(SourceConfig):
+    fail_video: int = -1  # the video whose every attempt fails
+    how: str = "segfault"  # segfault: the worker process dies (SIGSEGV); raise: the source raises PmvisError
+    attempts_dir: str | None = None  # each attempt at fail_video leaves a file here (the test counts them)
+
+
+class _FailOn:
+    """`failing` (CPU tasks) / `failing_actor` (actor pool): the filled box, except that every
+    attempt at `fail_video` crashes its worker or raises, to check that retries are bounded."""
+
+    name = "failing"
+
+    def __init__(self, cfg: FailConfig):
+        self.cfg = cfg
+
+    def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
+        if video.video_id == self.cfg.fail_video:
+            import os
+            import signal
+            import uuid
+
+            from pmvis.platform.errors import PmvisError
+
+            if self.cfg.attempts_dir:
+                (Path(self.cfg.attempts_dir) / uuid.uuid4().hex).touch()
+            if self.cfg.how == "raise":
+                raise PmvisError(f"video id={video.video_id}: deterministic test failure")
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return _filled(video)
+
+
+register_source("failing", SourceSpec(FailConfig, _FailOn, uses_model=False))
+register_source("failing_actor", SourceSpec(FailConfig, _FailOn, uses_model=True))

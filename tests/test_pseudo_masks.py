@@ -97,3 +97,82 @@ def test_dependent_source_gets_init_masks_and_order(ray_session, data, tmp_path)
 def test_unknown_source_is_a_clear_error(data, tmp_path):
     with pytest.raises(PmvisError, match="unknown pseudo-mask source 'nope'"):
         generate_pseudo_masks(data, tmp_path / "o", _config(sources=["nope"]), progress=False)
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+
+
+def _grabcut(**options) -> PseudoMaskConfig:
+    return _config(sources=["grabcut"], source_options={"grabcut": options})
+
+
+def test_other_inputs_regenerate_a_source_same_inputs_resume(ray_session, data, tmp_path):
+    """Stored videos are reused only when made from the same inputs (issue 14, item 1)."""
+    out = tmp_path / "out"
+    folder = out / "raw" / "source=grabcut"
+    assert generate_pseudo_masks(data, out, _grabcut(iterations=1), progress=False).written == {"grabcut": 4}
+    first = _mtimes(folder)
+    # A resource knob (pool size) does not change the masks: resume keeps them.
+    s = generate_pseudo_masks(data, out, _grabcut(iterations=1, actors=2), progress=False)
+    assert s.skipped == {"grabcut": 4} and not s.regenerated and _mtimes(folder) == first
+    # Another option: every video regenerated, and the manifest describes the new files.
+    s = generate_pseudo_masks(data, out, _grabcut(iterations=2), progress=False)
+    assert s.written == {"grabcut": 4} and s.skipped == {"grabcut": 0}
+    assert "options.iterations: 1 -> 2" in s.regenerated["grabcut"]
+    second = _mtimes(folder)
+    assert second.keys() == first.keys() and all(second[k] != first[k] for k in first)
+    record = json.loads((out / "manifest.json").read_text())["sources"]["grabcut"]
+    assert record["inputs"]["options"]["iterations"] == 2 and record["stored_videos"] == 4
+    # The same options but another annotation file content: regenerated too.
+    ann = data / "annotations.json"
+    ann.write_text(ann.read_text() + "\n")
+    s = generate_pseudo_masks(data, out, _grabcut(iterations=2), progress=False)
+    assert s.written == {"grabcut": 4} and "annotations_sha256" in s.regenerated["grabcut"]
+
+
+def test_a_partial_regeneration_leaves_a_store_its_manifest_describes(ray_session, data, tmp_path):
+    out = tmp_path / "out"
+    generate_pseudo_masks(data, out, _grabcut(iterations=1), progress=False)
+    ds = load_dataset_dir(data)
+    frame = data / "JPEGImages" / ds.videos[2].file_names[1]
+    good = frame.read_bytes()
+    frame.write_bytes(b"garbage")
+    with pytest.raises(PmvisError, match="video id=2"):
+        generate_pseudo_masks(data, out, _grabcut(iterations=2), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"]["grabcut"]["inputs"]["options"]["iterations"] == 2
+    assert manifest["stored_videos"] == {"grabcut": 3}
+    assert sorted({t.video_id for t in read_raw(out / "raw")}) == [1, 3, 4]  # no iterations=1 video left
+    frame.write_bytes(good)
+    s = generate_pseudo_masks(data, out, _grabcut(iterations=2), progress=False)
+    assert s.written == {"grabcut": 1} and s.skipped == {"grabcut": 3} and not s.regenerated
+
+
+def test_a_video_that_crashes_its_worker_every_time_fails_alone(ray_session, data, tmp_path):
+    """Bounded retries (issue 14, item 2): the crashing video is tried 1 + MAX_TASK_RETRIES times,
+    reported with its id, and the other videos are written. (CPU tasks only: the actor-pool case,
+    `failing_actor`, behaves the same but takes ~35 s on 2 cores.)"""
+    from pmvis.platform.pseudo_masks import MAX_TASK_RETRIES
+
+    source = "failing"
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    out = tmp_path / "out"
+    cfg = _config(sources=[source], source_options={source: {"fail_video": 2, "attempts_dir": str(attempts)}})
+    with pytest.raises(PmvisError) as e:
+        generate_pseudo_masks(data, out, cfg, progress=False)
+    assert "1 video(s) failed" in str(e.value) and f"{source}: video id=2" in str(e.value)
+    assert len(list(attempts.iterdir())) == 1 + MAX_TASK_RETRIES
+    assert sorted({t.video_id for t in read_raw(out / "raw")}) == [1, 3, 4]
+    assert [f["video_id"] for f in json.loads((out / "manifest.json").read_text())["runs"][-1]["failures"]] == [2]
+
+
+def test_a_deterministic_source_error_is_not_retried(ray_session, data, tmp_path):
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    cfg = _config(sources=["failing"], source_options={
+        "failing": {"fail_video": 2, "how": "raise", "attempts_dir": str(attempts)}})
+    with pytest.raises(PmvisError, match="video id=2: deterministic test failure"):
+        generate_pseudo_masks(data, tmp_path / "out", cfg, progress=False)
+    assert len(list(attempts.iterdir())) == 1

@@ -2,9 +2,17 @@
 
 Writes OUT/raw/ (Parquet, one file per source and video: per-frame RLE masks and confidences)
 and OUT/manifest.json. Model sources (hqsam, track) run in actor pools with --gpus-per-actor
-GPUs each; grabcut runs in CPU tasks. A rerun skips stored videos; videos that fail are listed
-at the end and the command exits non-zero. Source options: --option SOURCE.KEY=VALUE, e.g.
+GPUs each; grabcut runs in CPU tasks. Source options: --option SOURCE.KEY=VALUE, e.g.
 --option hqsam.model_type=vit_b --option hqsam.checkpoint=/ckpt/sam_hq_vit_b.pth.
+
+Every input (annotation file, source options, checkpoint files) is checked before Ray starts.
+A rerun into the same OUT skips the videos a source has stored, but only if they were made from
+the same inputs: that source's options (--actors and --gpus-per-actor aside), its checkpoint
+files, --data, the annotation file's content and the masks it starts from. If any of them
+differs, that source's stored videos are deleted and regenerated, and the run says so.
+OUT/manifest.json records, per source, what its stored files were made from. Videos that fail
+(a source error, or a worker that crashed on every attempt) are listed at the end and the
+command exits non-zero.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
     from pmvis.platform.config import load_config
-    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks, prepare_pseudo_masks
 
     config = load_config(PseudoMaskConfig, args.config)
     updates: dict = {}
@@ -68,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
     updates["source_options"] = options
     config = load_config(PseudoMaskConfig, None, {**config.model_dump(), **updates})
 
+    plan = prepare_pseudo_masks(args.data, args.out, config, annotations=args.annotations)  # before Ray starts
     connect(args.address)
     summary = generate_pseudo_masks(args.data, args.out, config, annotations=args.annotations,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, plan=plan)
+    for name, why in summary.regenerated.items():
+        print(f"{name}: stored videos were made from other inputs ({why}): regenerated")
     for name in config.sources:
         print(f"{name}: {summary.written.get(name, 0)} videos written, {summary.skipped.get(name, 0)} already stored")
     print(f"raw pseudo masks in {args.out / 'raw'} ({summary.seconds:.1f} s)")

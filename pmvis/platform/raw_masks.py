@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -51,13 +52,30 @@ class RawTrack:
     confidences: list[float | None]
 
 
+def source_dir(raw_dir: str | os.PathLike, source: str) -> Path:
+    """The folder of one source's files."""
+    return Path(raw_dir) / f"source={source}"
+
+
 def raw_file(raw_dir: str | os.PathLike, source: str, video_id: int) -> Path:
-    return Path(raw_dir) / f"source={source}" / f"video_{video_id:08d}.parquet"
+    return source_dir(raw_dir, source) / f"video_{video_id:08d}.parquet"
+
+
+def clear_source(raw_dir: str | os.PathLike, source: str) -> None:
+    """Delete every stored video of ``source`` (its masks are stale). Interrupted half-way, what
+    is left is a subset of the old files, which the old manifest record still describes."""
+    folder = source_dir(raw_dir, source)
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise PmvisError(f"{folder}: cannot delete the stale pseudo masks: {e}") from None
 
 
 def done_videos(raw_dir: str | os.PathLike, source: str) -> set[int]:
     """Videos whose masks from ``source`` are already stored (the resume check)."""
-    folder = Path(raw_dir) / f"source={source}"
+    folder = source_dir(raw_dir, source)
     if not folder.is_dir():
         return set()
     return {int(p.stem.split("_")[1]) for p in folder.glob("video_*.parquet")}
