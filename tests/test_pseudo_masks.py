@@ -176,3 +176,45 @@ def test_a_deterministic_source_error_is_not_retried(ray_session, data, tmp_path
     with pytest.raises(PmvisError, match="video id=2: deterministic test failure"):
         generate_pseudo_masks(data, tmp_path / "out", cfg, progress=False)
     assert len(list(attempts.iterdir())) == 1
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started before the input was checked")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--option", "grabcut.iterations=0"], "--option grabcut.iterations: Input should be greater than or equal to 1"),
+    (["--option", "grabcut.nope=1"], "--option grabcut.nope: Extra inputs are not permitted"),
+    (["--sources", "hqsam", "--option", "hqsam.checkpoint={tmp}/missing.pth"], "missing.pth not found"),
+    (["--sources", "hqsam", "--option", "hqsam.checkpoint={tmp}/garbage.pth"], "garbage.pth is not a torch checkpoint"),
+    (["--annotations", "nope.json"], "nope.json"),
+])
+def test_bad_input_fails_before_ray_starts(data, tmp_path, monkeypatch, capsys, args, message):
+    """Issue 14, item 3: options, checkpoints and the annotation file are checked before connect()."""
+    import pmvis.platform.cluster as cluster
+    from pmvis import cli
+
+    monkeypatch.setattr(cluster, "connect", _no_ray)
+    (tmp_path / "garbage.pth").write_bytes(b"not weights")
+    argv = ["pseudo-masks", "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress",
+            *[a.format(tmp=tmp_path) for a in args]]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_checked_and_its_content_keys_the_fingerprint(data, tmp_path):
+    import torch
+
+    from pmvis.platform.pseudo_masks import prepare_pseudo_masks
+
+    ckpt = tmp_path / "w.pth"
+    cfg = _config(sources=["hqsam"], source_options={"hqsam": {"checkpoint": str(ckpt)}})
+
+    def fingerprint():
+        return prepare_pseudo_masks(data, tmp_path / "out", cfg).sources[0].fingerprint
+
+    torch.save({"w": torch.zeros(3)}, ckpt)
+    first = fingerprint()
+    assert fingerprint() == first
+    torch.save({"w": torch.ones(3)}, ckpt)  # same path, other weights
+    assert fingerprint() != first

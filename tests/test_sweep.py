@@ -210,3 +210,32 @@ def test_a_failed_trial_is_retried_and_resumes_its_training(tmp_path, ray_sessio
     assert list(trainer_runs["status"]) == ["FINISHED"] and trainer_runs.iloc[0]["tags.pmvis.resumed_at"] == "2"
     sweep_runs = _runs(tmp_path, "sw")
     assert list(sweep_runs["status"]) == ["FINISHED"], sweep_runs[["run_id", "status"]]
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started before the input was checked")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "{bad}"], "unknown knob"),
+    (["--data", "{tmp}/nope"], "dataset directory not found"),
+    (["--raw", "{tmp}/nope"], "no raw pseudo-mask store"),
+    (["--set", "nope=1"], "nope"),
+])
+def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch, capsys, args, message):
+    """Issue 14, item 3: every check runs before connect() (a Ray start costs ~20 s)."""
+    import pmvis.platform.cluster as cluster
+    from pmvis import cli
+
+    monkeypatch.setattr(cluster, "connect", _no_ray)
+    data, raw = make_store(tmp_path)
+    bad = space_file(tmp_path, "fuse.nope: {choice: [1, 2]}\n", "bad.yaml")
+    flags = {"--space": str(space_file(tmp_path)), "--data": str(data), "--raw": str(raw)}
+    extra = [a.format(bad=bad, tmp=tmp_path) for a in args]
+    if extra[0] in flags:
+        flags[extra[0]] = extra[1]
+        extra = []
+    argv = ["sweep", *[x for kv in flags.items() for x in kv], *extra, "--storage", str(tmp_path / "s"),
+            "--preset", "tiny", "--set", "data.val_fraction=0.34"]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -86,10 +86,11 @@ def format_result(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
-    from pmvis.platform.sweep import run_sweep
+    from pmvis.platform.sweep import prepare_sweep, run_sweep
 
     cfg = build_sweep_config(args)
+    plan = prepare_sweep(cfg)  # every input check, before Ray starts
     connect(args.address)
-    result = run_sweep(cfg)
+    result = run_sweep(cfg, plan)
     print(format_result(result))
     return 0 if result.best is not None else 1

@@ -509,14 +509,24 @@ def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple
     return str(config_path), str(trial_path)
 
 
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Run (or resume: the same name and storage path) a sweep on the connected Ray cluster."""
-    import ray
-    from ray import tune
+@dataclass
+class SweepPlan:
+    """A sweep's checked inputs (:func:`prepare_sweep`), ready for :func:`run_sweep`."""
 
-    from pmvis.platform.io import write_json_atomic
+    space: Any
+    train_values: dict[str, Any]
+    storage: str
+    sweep_dir: Path
+    tracking_uri: str
+    ctx: dict[str, Any]  # what every trial driver gets
+
+
+def prepare_sweep(cfg: SweepConfig) -> SweepPlan:
+    """Every check of a sweep that needs no Ray (flags, search space, train config, dataset, raw
+    store, one sampled trial's configs). Call it before connecting: bad input then fails in a
+    second instead of after a Ray start-up."""
     from pmvis.platform.search_spaces import load_space
-    from pmvis.platform.tracking import default_tracking_uri, ensure_experiment
+    from pmvis.platform.tracking import default_tracking_uri
     from pmvis.platform.ytvis import load_dataset_dir
 
     if cfg.samples < 1:
@@ -525,12 +535,18 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         raise PmvisError(f"filter must be auto, on or off, got {cfg.filter!r}")
     if cfg.trial_retries < 0:
         raise PmvisError(f"--trial-retries must be ≥ 0, got {cfg.trial_retries}")
+    if cfg.gpus_per_trial < 0:
+        raise PmvisError(f"--gpus-per-trial must be ≥ 0, got {cfg.gpus_per_trial}")
+    if cfg.max_concurrent is not None and cfg.max_concurrent < 1:
+        raise PmvisError(f"--max-concurrent must be ≥ 1, got {cfg.max_concurrent}")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise PmvisError(f"--name must be a plain directory name, got {cfg.name!r}")
     space = load_space(cfg.space)
     if not space.knobs:
         raise PmvisError(f"{space.source}: the search space has no knobs")
     check_search(space, cfg.search)
+    if cfg.scheduler not in SCHEDULERS:
+        raise PmvisError(f"unknown scheduler {cfg.scheduler!r} ({', '.join(SCHEDULERS)})")
     train_values = base_train_values(cfg)
     dataset = load_dataset_dir(cfg.data_dir)  # fail now on a bad dataset dir
     storage = str(Path(cfg.storage_path).expanduser().resolve())
@@ -545,6 +561,24 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     }
     # Check the configs of one draw before any trial starts (a bad --set fails here, not in Ray).
     trial_configs(space.sample(0), ctx)
+    return SweepPlan(space=space, train_values=train_values, storage=storage, sweep_dir=sweep_dir,
+                     tracking_uri=tracking_uri, ctx=ctx)
+
+
+def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
+    """Run (or resume: the same name and storage path) a sweep on the connected Ray cluster.
+
+    ``plan``: from :func:`prepare_sweep` (made here when not given)."""
+    import ray
+    from ray import tune
+
+    from pmvis.platform.io import write_json_atomic
+    from pmvis.platform.tracking import ensure_experiment
+
+    if plan is None:
+        plan = prepare_sweep(cfg)
+    space, train_values, storage, sweep_dir = plan.space, plan.train_values, plan.storage, plan.sweep_dir
+    tracking_uri, ctx = plan.tracking_uri, plan.ctx
     if not ray.is_initialized():
         raise PmvisError("run_sweep needs a connected Ray cluster (pmvis.platform.cluster.connect)")
     concurrent = cfg.max_concurrent or max_concurrent_trials(train_values, cfg.gpus_per_trial)
