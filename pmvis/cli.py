@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
 def _summary(module_name: str) -> str:
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except PmvisError as e:
         print(f"pmvis {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"pmvis {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # its message, if any, says how to continue (pmvis train: resume)
+        print(f"pmvis {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def run_pretrain(args: argparse.Namespace) -> Any:
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, export_weights
     from pmvis.platform.cluster import connect
     from pmvis.platform.errors import PmvisError
-    from pmvis.platform.training import preflight, run_training
+    from pmvis.platform.training import preflight, run_dir_of, run_lock, run_training
 
     if args.synthetic is not None:
         if args.synthetic < 1:
@@ -113,9 +113,10 @@ def run_pretrain(args: argparse.Namespace) -> Any:
     else:
         cfg = pretrain_config(args, args.data, args.annotations, args.images)
     cfg, _ = preflight(cfg)  # a malformed COCO file or missing images fail here, before Ray starts
-    if not ray.is_initialized():
-        connect(args.address)
-    result = run_training(cfg)
+    with run_lock(run_dir_of(cfg)):  # the same run already running: fail before Ray starts
+        if not ray.is_initialized():
+            connect(args.address)
+        result = run_training(cfg)
     print(format_result(result))
     exported = None
     if args.export is not None and result.checkpoint is not None:

@@ -6,8 +6,9 @@ data; --config CFG.yaml is merged on top, then every --set KEY=VALUE (dotted key
 config, values parsed as YAML: --set model.hidden_dim=64 --set iterations=200 --set
 data.short_side=[320,480]). The effective config is written to STORAGE/RUN/config.yaml.
 
-Running again with the same run_name and storage_path resumes from the latest checkpoint (model,
-optimizer, schedule, iteration, MLflow run). With held-out videos (data.val_fraction or
+Running again with the same run_name and storage_path resumes from the latest complete checkpoint
+(model, optimizer, schedule, iteration, MLflow run), also after Ctrl-C (exit status 130). A run
+already running under that name is refused. With held-out videos (data.val_fraction or
 data.val_videos) the end of training evaluates them (AP/AR) and writes STORAGE/RUN/evaluation.json.
 """
 
@@ -115,11 +116,12 @@ def format_result(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
-    from pmvis.platform.training import preflight, run_training
+    from pmvis.platform.training import preflight, run_dir_of, run_lock, run_training
 
     cfg = build_train_config(args.config, args.overrides, args.preset)
     cfg, _ = preflight(cfg)  # bad data or an incompatible checkpoint: fail before Ray starts
-    connect(args.address)
-    result = run_training(cfg)
+    with run_lock(run_dir_of(cfg)):  # the same run already running: fail before Ray starts
+        connect(args.address)
+        result = run_training(cfg)
     print(format_result(result))
     return 0

@@ -7,11 +7,14 @@ Workers: :func:`train_loop_per_worker` builds the model (DDP through ``ray.train
 gloo on CPU, NCCL on GPU — TorchTrainer's default TorchConfig backend), AdamW (backbone group at
 ``lr × backbone_lr_mult``), a step schedule, and trains on clip batches of its own shard of videos.
 
-Resume (Ray Train V2): a run is the directory ``storage_path/run_name``. Ray keeps a checkpoint
-manager snapshot there; a new ``TorchTrainer`` with the same name and storage path re-loads it and
-``ray.train.get_checkpoint()`` returns the latest reported checkpoint — after a worker failure
-(``FailureConfig(max_failures)``: the whole worker group restarts) and when the user simply runs
-the same command again after a crash. The checkpoint holds the model, optimizer and scheduler state
+Resume (Ray Train V2): a run is the directory ``storage_path/run_name``, locked while it runs
+(:func:`run_lock`: a second run of the same name is refused up front). The workers resume from the
+newest *complete* ``checkpoint_*`` directory there (:func:`latest_checkpoint`), not from Ray's
+checkpoint manager snapshot, which Ctrl-C can leave unwritten and which may name a copy cut short —
+after a worker failure (``FailureConfig(max_failures)``: the whole worker group restarts) and when
+the user simply runs the same command again after a crash or Ctrl-C (the CLI then says where the
+rerun resumes and exits 130). Remote storage (``s3://``…) is not scanned: there Ray's record
+(``ray.train.get_checkpoint()``) is used. The checkpoint holds the model, optimizer and scheduler state
 and the iteration count, so training continues at the next iteration with the same batches (the
 sampler is a pure function of seed, rank and iteration). The MLflow run id is stored in the
 checkpoint (``extra``) and in a small ``pmvis_meta.json`` beside it, and the driver re-opens that
@@ -22,15 +25,22 @@ may not be registered; the restart then resumes from the one before (the iterati
 right: it is read from the checkpoint).
 
 Checkpoints: every ``checkpoint_every`` iterations and at the end, rank 0 writes ``checkpoint.pt``
-(:func:`pmvis.models.vis.checkpoint.save_checkpoint`) into a temporary directory and passes it to
-``ray.train.report``; the other ranks report the same metrics with ``checkpoint=None`` (V2: one
+(:func:`pmvis.models.vis.checkpoint.save_checkpoint`) and then its record ``pmvis_meta.json`` with
+the file's size and SHA-256 (:func:`write_checkpoint_dir`) into a temporary directory and passes it
+to ``ray.train.report``, which copies it into storage; that copy is not atomic (a full disk leaves
+a truncated file), so a checkpoint is only used after :func:`verify_checkpoint` — one that fails is
+skipped with a warning for the one before. Temporary directories of killed workers are removed
+when a worker starts; the other ranks report the same metrics with ``checkpoint=None`` (V2: one
 rank's checkpoint is enough; every rank must call report the same number of times). Directories are
 named ``checkpoint_<iteration>``; ``keep_checkpoints`` most recent are kept.
 
 Non-finite loss: every rank agrees (an all-reduce of the loss, and the DDP-reduced gradient norm)
 and stops before the optimizer step; :func:`run_training` raises a PmvisError naming the iteration,
 the non-finite terms and the last good checkpoint. The error is returned, not raised in the workers,
-so Ray does not burn ``max_failures`` retries on a deterministic divergence.
+so Ray does not burn ``max_failures`` retries on a deterministic divergence. A PmvisError in a
+worker (a frame that cannot be read, …) is handled the same way: every rank learns of it through a
+collective (:func:`agree_on_error`) and they all return it. :func:`preflight` checks what it can
+(data files, every frame file, backbone weights, the resume checkpoint) before Ray starts.
 
 MLflow (rank 0 and the driver only; DESIGN §6: no MLflowLoggerCallback on a Train V2 RunConfig):
 params = the whole config flattened; metrics every ``log_every`` iterations = every loss term,
@@ -54,12 +64,13 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pmvis.models.vis.config import LossConfig, ModelConfig
 from pmvis.platform.config import StrictConfig, build_config, dump_config
@@ -72,7 +83,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_META = "pmvis_meta.json"
 CONFIG_FILENAME = "config.yaml"
 EVALUATION_FILENAME = "evaluation.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+CHECKPOINT_PREFIX = "checkpoint_"  # checkpoint directories: checkpoint_<iteration, 8 digits>
+RUN_LOCK_FILENAME = ".pmvis.lock"  # in the run directory, flock-ed while a run is alive
+TEMP_CHECKPOINT_PREFIX = "pmvis-ckpt-"  # a worker's checkpoint before Ray copies it: pmvis-ckpt-<pid>-*
+MAX_LISTED_PROBLEMS = 5  # an error message names this many missing files, then counts the rest
 TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.synthetic.CATEGORIES)
 
 
@@ -96,6 +110,8 @@ class DebugConfig(StrictConfig):
 class TrainConfig(StrictConfig):
     """Every knob of a training run. Defaults: PM-VIS / IDOL R50 (DESIGN §4.3, §4.4); see :meth:`tiny`."""
 
+    # inf / nan in a float knob (lr: .inf) would only surface as a diverged run, iterations later
+    model_config = ConfigDict(allow_inf_nan=False)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     data: DataConfig
@@ -123,7 +139,7 @@ class TrainConfig(StrictConfig):
     storage_path: str = "./pmvis-runs"
     experiment: str = "pmvis-train"
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or a local sqlite store
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seeds
     init_from: str | None = None  # start from these weights (e.g. box-only → PM-VIS); ignored on resume
     # Knobs of pmvis.models.vis.inference's config for the held-out evaluation (validated there).
     inference: dict[str, Any] = Field(default_factory=dict)
@@ -132,7 +148,8 @@ class TrainConfig(StrictConfig):
     @field_validator("run_name")
     @classmethod
     def _check_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or "/" in v or "\\" in v or v in (".", "..")):
+        if v is not None and (not v.strip() or "/" in v or "\\" in v or v in (".", "..")
+                              or not v.isprintable()):  # NUL, newline, …: not a usable directory name
             raise ValueError(f"run_name must be a plain directory name, got {v!r}")
         return v
 
@@ -228,6 +245,32 @@ def restore_training_state(state: Mapping[str, Any], model: Any, optimizer: Any,
     return int(state["iteration"])
 
 
+class WorkerInputError(Exception):
+    """A PmvisError on one rank, made known to every rank (:func:`agree_on_error`): they all stop
+    and return it, so Ray does not restart the worker group for a deterministic bad input."""
+
+
+def agree_on_error(error: PmvisError | None, device: Any = "cpu") -> None:
+    """Collective: raise :class:`WorkerInputError` on every rank when any rank passes an error.
+
+    A rank that raised alone would leave the others blocked in a collective, and a raised
+    exception makes Ray retry the whole group ``max_failures`` times on the same bad input."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise WorkerInputError(str(error))
+        return
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(flag)
+    if float(flag.item()) == 0.0:
+        return
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    raise WorkerInputError(next(m for m in messages if m is not None))
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, iteration: int, terms: dict[str, float], grad_norm: float | None):
         self.iteration, self.terms, self.grad_norm = iteration, terms, grad_norm
@@ -296,15 +339,17 @@ class TrainingLoop:
         return {("lr" if g.get("name") == "main" else f"lr_{g.get('name')}"): float(g["lr"])
                 for g in self.optimizer.param_groups}
 
-    def step(self, iteration: int, *, prefetch_next: bool = True) -> dict[str, Any]:
-        """One optimisation step on the batch of ``iteration``; returns the (detached) loss terms.
+    def step(self, iteration: int, *, prefetch_next: bool = True, batch: Any = None) -> dict[str, Any]:
+        """One optimisation step on the batch of ``iteration`` (``batch``: already fetched);
+        returns the (detached) loss terms.
 
         Raises :class:`NonFiniteLoss` (on every rank alike) before touching the weights."""
         import torch
         import torch.distributed as dist
 
         cfg = self.cfg
-        batch = self.sampler.get(iteration, prefetch_next=prefetch_next)
+        if batch is None:
+            batch = self.sampler.get(iteration, prefetch_next=prefetch_next)
         images, padding = batch.model_inputs(self.device)
         targets = batch.targets(self.device, bottom_pixels=cfg.loss.bottom_pixels_removed)
         if self.amp_dtype is not None:
@@ -479,8 +524,37 @@ def _maybe_fail(debug: DebugConfig, iteration: int, rank: int) -> None:
     raise RuntimeError(f"debug: injected failure at iteration {iteration} on rank {rank}")
 
 
+def _temp_checkpoint_prefix(pid: int) -> str:
+    return f"{TEMP_CHECKPOINT_PREFIX}{pid}-"
+
+
+def remove_stale_temp_checkpoints(temp_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the temporary checkpoint directories of workers that are gone (a worker killed while
+    writing one, e.g. by Ctrl-C, cannot clean up after itself); returns what was removed."""
+    import shutil
+
+    removed = []
+    for d in Path(temp_dir or tempfile.gettempdir()).glob(f"{TEMP_CHECKPOINT_PREFIX}*-*"):
+        pid = d.name[len(TEMP_CHECKPOINT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def checkpoint_dir_name(iteration: int) -> str:
-    return f"checkpoint_{iteration:08d}"
+    return f"{CHECKPOINT_PREFIX}{iteration:08d}"
 
 
 def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
@@ -507,17 +581,29 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
         return ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": cfg.find_unused_parameters})
 
-    loop = TrainingLoop(cfg, rank=rank, world_size=world, device=device, wrap=wrap)
+    remove_stale_temp_checkpoints()
     last_checkpoint: str | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = read_checkpoint(Path(d) / CHECKPOINT_FILENAME)
-            loop.restore(state)
-        last_checkpoint = f"{run_dir}/{checkpoint_dir_name(loop.iteration)}"
-        logger.info("rank %d: resumed from %s at iteration %d", rank, checkpoint.path, loop.iteration)
-    elif cfg.init_from:
-        loop.init_weights(read_checkpoint(cfg.init_from))
+    loop: TrainingLoop | None = None
+    try:
+        loop = TrainingLoop(cfg, rank=rank, world_size=world, device=device, wrap=wrap)
+        resume_from = _resume_checkpoint(run_dir)
+        if resume_from is not None:
+            with resume_from.as_directory() as d:
+                loop.restore(read_checkpoint(Path(d) / CHECKPOINT_FILENAME))
+            last_checkpoint = f"{run_dir}/{checkpoint_dir_name(loop.iteration)}"
+            logger.info("rank %d: resumed from %s at iteration %d", rank, resume_from.path, loop.iteration)
+        elif cfg.init_from:
+            loop.init_weights(read_checkpoint(cfg.init_from))
+        setup_error = None
+    except PmvisError as e:
+        setup_error = e
+    try:
+        agree_on_error(setup_error, device)
+    except WorkerInputError as e:
+        if loop is not None:
+            loop.close()
+        return _error_value(rank, str(e), run_id)
+    assert loop is not None  # no error anywhere: every rank built its loop
     loop.distribute()
     start = loop.iteration
     mlf = _MlflowLogger(uri, run_id) if rank == 0 else _MlflowLogger(None, None)
@@ -525,25 +611,35 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
     evaluation: dict[str, Any] | None = None
     metrics: dict[str, Any] = {}
 
+    def evaluate() -> dict[str, Any] | None:
+        """Rank 0 evaluates; every rank then learns whether that hit bad input (collective)."""
+        result, error = None, None
+        if rank == 0:
+            try:
+                result = loop.evaluate()
+            except PmvisError as e:
+                error = e
+        agree_on_error(error, device)
+        return result
+
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         nonlocal last_checkpoint
         name = checkpoint_dir_name(loop.iteration)
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="pmvis-ckpt-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_temp_checkpoint_prefix(os.getpid())) as tmp:
             ckpt = None
             if rank == 0:
-                loop.save(Path(tmp) / CHECKPOINT_FILENAME, **meta_extra)
-                _write_meta(Path(tmp) / CHECKPOINT_META, loop, meta_extra)
+                write_checkpoint_dir(loop, tmp, meta_extra)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
         last_checkpoint = f"{run_dir}/{name}"
 
     try:
         if start >= cfg.iterations:  # a finished run started again: evaluate, report, done
+            evaluation = evaluate()
             if rank == 0:
-                evaluation = loop.evaluate()
                 mlf.log(_eval_metrics(evaluation), step=start)
             ray.train.report({"iteration": start, **_eval_metrics(evaluation)})
             return _return_value(rank, "finished", loop, start, evaluation, last_checkpoint, run_id, None, metrics)
@@ -552,9 +648,14 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
         t_first: float | None = None
         steady: float | None = None
         for it in range(start, cfg.iterations):
-            _maybe_fail(cfg.debug, it, rank)
+            try:  # bad input (a missing or corrupt frame) on any rank stops every rank here, together
+                _maybe_fail(cfg.debug, it, rank)
+                batch, input_error = loop.sampler.get(it, prefetch_next=it + 1 < cfg.iterations), None
+            except PmvisError as e:
+                batch, input_error = None, e
+            agree_on_error(input_error, device)
             try:
-                terms = loop.step(it, prefetch_next=it + 1 < cfg.iterations)
+                terms = loop.step(it, batch=batch)
             except NonFiniteLoss as e:
                 logger.error("rank %d: %s; last good checkpoint: %s", rank, e, last_checkpoint)
                 if rank == 0:
@@ -581,8 +682,8 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
             metrics = {k: float(v) for k, v in terms.items()}
             metrics.update(loop.lrs())
             metrics.update({"it_per_s": it_per_s, "iteration": done})
-            if eval_due and rank == 0:
-                evaluation = loop.evaluate()
+            if eval_due:
+                evaluation = evaluate()
                 metrics.update(_eval_metrics(evaluation))
             if rank == 0 and (log_due or eval_due):
                 mlf.log(metrics, step=done)
@@ -594,16 +695,46 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
             progress.resume()
         return _return_value(rank, "finished", loop, start, evaluation, last_checkpoint, run_id, None, metrics,
                              steady_it_per_s=steady)
+    except WorkerInputError as e:
+        logger.error("rank %d: %s", rank, e)
+        return _error_value(rank, str(e), run_id, last_checkpoint=last_checkpoint)
     finally:
         loop.close()
 
 
-def _write_meta(path: Path, loop: TrainingLoop, extra: Mapping[str, Any]) -> None:
-    from pmvis.models.vis.checkpoint import config_fingerprint
+def _resume_checkpoint(run_dir: str) -> Any:
+    """The ``ray.train.Checkpoint`` to resume from: for a local run the newest complete checkpoint
+    directory (:func:`latest_checkpoint`: Ray's snapshot may be missing after an interrupted run,
+    or name a copy cut short), for remote storage the one Ray Train hands in."""
+    import ray.train
+
+    if _is_remote(run_dir):
+        return ray.train.get_checkpoint()
+    latest = latest_checkpoint(run_dir)
+    return None if latest is None else ray.train.Checkpoint.from_directory(latest)
+
+
+def _error_value(rank: int, message: str, run_id: str | None, **extra: Any) -> dict[str, Any] | None:
+    """Rank 0's return value for a bad input found in the workers (:class:`WorkerInputError`)."""
+    if rank != 0:
+        return None
+    return {"status": "error", "failure": {"message": message}, "mlflow_run_id": run_id, **extra}
+
+
+def write_checkpoint_dir(loop: TrainingLoop, directory: str | os.PathLike, extra: Mapping[str, Any]) -> Path:
+    """``checkpoint.pt`` and then its record ``pmvis_meta.json`` (iteration, model config, MLflow
+    run, and the size and SHA-256 of checkpoint.pt): the record lets a reader tell a complete copy
+    in storage from one cut short (:func:`verify_checkpoint`)."""
+    from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, config_fingerprint, file_record
     from pmvis.platform.io import write_json_atomic
 
-    write_json_atomic(path, {"iteration": loop.iteration, "fingerprint": config_fingerprint(loop.cfg.model),
-                             "model_config": loop.cfg.model.model_dump(mode="json"), **extra}, indent=1)
+    directory = Path(directory)
+    loop.save(directory / CHECKPOINT_FILENAME, **extra)
+    files = {CHECKPOINT_FILENAME: file_record(directory / CHECKPOINT_FILENAME)}
+    record = {"iteration": loop.iteration, "fingerprint": config_fingerprint(loop.cfg.model),
+              "model_config": loop.cfg.model.model_dump(mode="json"), "files": files, **extra}
+    write_json_atomic(directory / CHECKPOINT_META, record, indent=1)
+    return directory
 
 
 def _return_value(rank: int, status: str, loop: TrainingLoop, start: int, evaluation: Any, last_checkpoint: str | None,
@@ -650,17 +781,50 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
     data = cfg.data.model_copy(update={"data_dir": absolute(cfg.data.data_dir)})
     debug = cfg.debug.model_copy(update={"fail_marker": absolute(cfg.debug.fail_marker)})
+    model = cfg.model.model_copy(update={"backbone_weights": absolute(cfg.model.backbone_weights)})
     name = cfg.run_name or f"pmvis-train-{datetime.now():%Y%m%d-%H%M%S}"
     return cfg.model_copy(update={
-        "data": data, "debug": debug, "run_name": name, "storage_path": absolute(cfg.storage_path) or cfg.storage_path,
+        "model": model, "data": data, "debug": debug, "run_name": name,
+        "storage_path": absolute(cfg.storage_path) or cfg.storage_path,
         "init_from": absolute(cfg.init_from), "tracking_uri": cfg.tracking_uri or default_tracking_uri()})
 
 
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """A local run's ``checkpoint_<iteration>`` directories, newest first."""
+    found = []
+    for d in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = d.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and d.is_dir():
+            found.append((int(suffix), d))
+    return [d for _, d in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """The latest checkpoint directory Ray Train recorded for a run (None: no run / no checkpoint)."""
+    """The newest complete checkpoint of a run (None: no run / no checkpoint).
+
+    A local run is read from its ``checkpoint_*`` directories, not from Ray's snapshot file: the
+    snapshot may be missing (an interrupted run) or name a checkpoint whose copy into storage was
+    cut short. A checkpoint that fails :func:`verify_checkpoint` is skipped with a warning; when
+    there are checkpoints but none is complete, that is a PmvisError (never silently start over)."""
     run_dir = str(run_dir)
-    if not _is_remote(run_dir) and not (Path(run_dir) / RAY_SNAPSHOT).is_file():
-        return None
+    if _is_remote(run_dir):
+        return _ray_latest_checkpoint(run_dir)
+    problems = []
+    for d in checkpoint_dirs(run_dir):
+        try:
+            verify_checkpoint(d)
+            return str(d)
+        except PmvisError as e:
+            logger.warning("skipping incomplete checkpoint %s: %s", d, e)
+            problems.append(str(e))
+    if problems:
+        raise PmvisError(f"{run_dir}: no complete checkpoint to resume from ({'; '.join(problems[:3])}); "
+                         "remove the broken checkpoint_* directories to start the run over")
+    return None
+
+
+def _ray_latest_checkpoint(run_dir: str) -> str | None:
+    """The latest checkpoint Ray Train recorded (remote storage, which is not scanned)."""
     from ray.train import Result
 
     try:
@@ -671,17 +835,51 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
 
 
 def read_checkpoint_meta(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """``pmvis_meta.json`` of a checkpoint directory (falls back to reading checkpoint.pt)."""
+    """``pmvis_meta.json`` of a checkpoint directory (falls back to reading checkpoint.pt); a
+    corrupt record is a PmvisError naming the file."""
     from pmvis.models.vis.checkpoint import read_checkpoint
 
     meta = Path(checkpoint_dir) / CHECKPOINT_META
     if meta.is_file():
-        out = json.loads(meta.read_text())
+        try:
+            out = json.loads(meta.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise PmvisError(f"{meta}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
+        if not isinstance(out, dict):
+            raise PmvisError(f"{meta}: expected a JSON object, got {type(out).__name__}")
         out["path"] = str(meta.parent)
         return out
     state = read_checkpoint(checkpoint_dir)
-    return {"iteration": state["iteration"], "fingerprint": state["fingerprint"],
-            "model_config": state["model_config"], "path": state["path"], **(state.get("extra") or {})}
+    return {"iteration": state["iteration"], "fingerprint": state.get("fingerprint"),
+            "model_config": state.get("model_config"), "path": state["path"], **(state.get("extra") or {})}
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The record of a checkpoint whose files are whole: every file listed in its ``files`` has the
+    recorded size and SHA-256. A record from before ``files`` existed: checkpoint.pt must load.
+    Anything else is a PmvisError naming the file."""
+    from pmvis.models.vis.checkpoint import file_record, read_checkpoint
+
+    meta = read_checkpoint_meta(checkpoint_dir)
+    files = meta.get("files")
+    if files is None:
+        read_checkpoint(checkpoint_dir)
+        return meta
+    where = Path(checkpoint_dir) / CHECKPOINT_META
+    if not isinstance(files, dict) or not files:
+        raise PmvisError(f"{where}: 'files' must map file names to their size and hash")
+    for name, want in files.items():
+        if Path(name).name != name or not isinstance(want, dict):
+            raise PmvisError(f"{where}: bad 'files' entry {name!r}")
+        f = Path(checkpoint_dir) / name
+        if not f.is_file():
+            raise PmvisError(f"{f}: missing (the checkpoint is incomplete)")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise PmvisError(f"{f}: {size} bytes, the record says {want.get('bytes')} (an incomplete copy)")
+        if file_record(f)["sha256"] != want.get("sha256"):
+            raise PmvisError(f"{f}: contents differ from the record's SHA-256 (corrupt or modified)")
+    return meta
 
 
 def _open_mlflow_run(cfg: TrainConfig, run_dir: str, resume_meta: Mapping[str, Any] | None) -> str:
@@ -757,10 +955,57 @@ def run_dir_of(cfg: TrainConfig) -> str:
     return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
 
 
+_held_locks: dict[str, list[int]] = {}  # lock file -> [fd, depth]: run_lock is re-entrant within a process
+
+
+@contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold the run's lock (``flock`` on ``run_dir/.pmvis.lock``) for the block: a second
+    `pmvis train` of the same run is refused up front instead of racing the first through Ray and
+    MLflow. The OS releases the lock when the holder dies, so a crashed run never blocks a rerun.
+    Re-entrant in one process (the CLI holds it across connect + :func:`run_training`, which takes
+    it too); a no-op for remote storage."""
+    import fcntl
+    import socket
+
+    if _is_remote(run_dir):
+        yield
+        return
+    path = str(Path(run_dir) / RUN_LOCK_FILENAME)
+    held = _held_locks.get(path)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PmvisError(f"run {Path(run_dir).name} is already running (pid {holder}); wait for it or choose "
+                         f"another run_name (lock: {path})") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _held_locks[path] = [fd, 1]
+        yield
+    finally:
+        _held_locks.pop(path, None)
+        os.close(fd)  # releases the flock
+
+
 def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     """Everything that can be checked before Ray starts: the config with absolute paths and a run
-    name (:func:`resolve_config`), the data files, categories, split and shards, and a checkpoint to
-    resume from (or ``init_from``) of the same architecture. Returns (config, resume meta or None)."""
+    name (:func:`resolve_config`), the data files, every frame file, categories, split and shards,
+    ``model.backbone_weights``, and the checkpoint to resume from (the newest complete one, loaded
+    in full) or ``init_from``, of the same architecture. A bad input found later, in a worker,
+    costs a Ray start-up (and, raised there, ``max_failures`` restarts). Returns (config, resume
+    meta or None)."""
     from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
     from pmvis.platform.vis_data import build_sampler, load_training_data
 
@@ -768,18 +1013,40 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     need_gt, need_pseudo = cfg.loss.mode == "full", cfg.loss.mode == "pmvis"
     data = load_training_data(cfg.data, num_classes=cfg.model.num_classes, need_gt_masks=need_gt,
                               need_pseudo=need_pseudo, load_eval=False)
+    check_frame_files(data.dataset, data.train_videos + data.val_videos)
     build_sampler(data, cfg.data, batch_size=cfg.batch_size, stride=cfg.model.mask_stride,
                 world_size=cfg.num_workers, need_gt_masks=need_gt, need_pseudo=need_pseudo,
                 supervise_all_frames=cfg.loss.loss_frames == "all")
     _inference_config(cfg.inference)  # a typo in the evaluation knobs fails now, not after training
+    if cfg.model.backbone_weights is not None:
+        check_backbone_weights(cfg.model)
     resume_meta = None
     latest = latest_checkpoint(run_dir_of(cfg))
     if latest is not None:
         resume_meta = read_checkpoint_meta(latest)
         check_compatible({**resume_meta, "path": latest}, cfg.model)
+        check_compatible(read_checkpoint(latest), cfg.model)  # the weights file itself, as the workers load it
     elif cfg.init_from:
         check_compatible(read_checkpoint(cfg.init_from), cfg.model)
     return cfg, resume_meta
+
+
+def check_frame_files(dataset: Any, video_ids: list[int]) -> None:
+    """Every frame of these videos is a file (stat calls only; decoding is the workers' job)."""
+    missing = [(v, t, dataset.frame_path(v, t)) for v in video_ids for t in range(dataset.videos[v].length)
+               if not dataset.frame_path(v, t).is_file()]
+    if missing:
+        listed = "; ".join(f"video id={v}, frame {t} ({p})" for v, t, p in missing[:MAX_LISTED_PROBLEMS])
+        more = f" and {len(missing) - MAX_LISTED_PROBLEMS} more" if len(missing) > MAX_LISTED_PROBLEMS else ""
+        raise PmvisError(f"{dataset.path}: {len(missing)} frame files are missing: {listed}{more}")
+
+
+def check_backbone_weights(model_cfg: ModelConfig) -> None:
+    """``model.backbone_weights`` loads into the configured backbone (the workers build it too)."""
+    from pmvis.models.vis.backbone import Backbone
+
+    Backbone(model_cfg.backbone, [model_cfg.mask_stride, *model_cfg.backbone_strides],
+             weights=model_cfg.backbone_weights, freeze_bn=False)
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
@@ -787,7 +1054,30 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
 
     ``callbacks``: extra Ray Train ``UserCallback``s for the TorchTrainer's RunConfig, e.g.
     ``ray.tune.integration.ray_train.TuneReportCallback()`` when a Tune trial drives the run
-    (`pmvis sweep`): every report of the workers then reaches Tune."""
+    (`pmvis sweep`): every report of the workers then reaches Tune.
+
+    The run's lock (:func:`run_lock`) is held throughout. Ctrl-C raises :class:`TrainingInterrupted`
+    (Ray Train's own SIGINT handler aborts the workers and exits through SystemExit)."""
+    cfg = resolve_config(cfg)
+    with run_lock(run_dir_of(cfg)):
+        return _run_training_locked(cfg, callbacks)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_training`; the message says where a rerun resumes (CLI: exit 130)."""
+
+
+def _interrupted_message(cfg: TrainConfig) -> str:
+    try:
+        latest = latest_checkpoint(run_dir_of(cfg))
+        iteration = read_checkpoint_meta(latest).get("iteration") if latest else 0
+    except PmvisError:
+        iteration = "?"
+    return (f"run {cfg.run_name} interrupted at iteration {iteration} (its last complete checkpoint); "
+            "rerun the same command to resume")
+
+
+def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> TrainResult:
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -823,12 +1113,16 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
         )
         try:
             result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            raise TrainingInterrupted(_interrupted_message(cfg)) from None
         except Exception as e:
             message = _worker_pmvis_error(e)
             if message is not None:
                 raise PmvisError(message) from None
             raise
         rv = result.return_value or {}
+        if rv.get("status") == "error":
+            raise PmvisError(rv["failure"]["message"])
         if rv.get("status") == "nonfinite":
             f = rv["failure"]
             last = rv.get("last_checkpoint") or "none (no checkpoint was written yet)"
@@ -845,9 +1139,10 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
         if scored:
             best = str(max(scored, key=lambda x: x[0])[1].path)
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
-    except BaseException:
+    except BaseException as e:
+        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
         try:
-            client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+            client.set_terminated(run_id, status=RunStatus.to_string(status))
         except Exception:  # noqa: BLE001
             pass
         raise

@@ -88,7 +88,7 @@ class DataConfig(StrictConfig):
     # training file's videos drawn with split_seed (at least one video when the fraction is > 0).
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     val_videos: list[int] | None = None
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)  # numpy's generators take no negative seeds
     prefetch: bool = True  # prepare the next batch in a background thread while this one trains
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pmvis.models.vis.config import ModelConfig
+from pmvis.platform.config import build_config
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.io import atomic_path
 
@@ -73,8 +74,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Size and SHA-256 of a file: recorded when a checkpoint is written, compared before it is
+    used, so a copy cut short (a full disk, a killed upload) is never loaded."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": Path(path).stat().st_size, "sha256": digest}
+
+
+def checkpoint_model_config(state: dict[str, Any]) -> ModelConfig:
+    """The validated model config a checkpoint (or its pmvis_meta.json) records; a missing or
+    malformed record is a PmvisError naming the checkpoint."""
+    where = state.get("path", "checkpoint")
+    missing = [k for k in ("fingerprint", "model_config") if k not in state]
+    if missing:
+        raise PmvisError(f"{where}: checkpoint record has no {' / '.join(missing)} (not written by pmvis, or edited)")
+    if not isinstance(state["model_config"], dict):
+        raise PmvisError(f"{where}: checkpoint model_config is not a mapping")
+    return build_config(ModelConfig, {**state["model_config"], "backbone_weights": None},
+                        source=f"{where}: model_config")
+
+
 def check_compatible(state: dict[str, Any], model_cfg: ModelConfig) -> None:
     """Refuse a checkpoint trained with another architecture, saying which knobs differ."""
+    checkpoint_model_config(state)
     if state["fingerprint"] == config_fingerprint(model_cfg):
         return
     theirs = state["model_config"]
@@ -89,7 +112,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     from pmvis.models.vis import build_model
 
     state = read_checkpoint(path)
-    cfg = ModelConfig.model_validate({**state["model_config"], "backbone_weights": None})
+    cfg = checkpoint_model_config(state)
     model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])
