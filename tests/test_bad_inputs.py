@@ -249,3 +249,21 @@ def test_out_may_not_overwrite_dataset_files_or_be_unwritable(tiny_ytvis, tmp_pa
             check_output_for_dataset(out, ds)
     check_output_for_dataset(root / "train_pseudo.json", ds)
     check_output_for_dataset(tmp_path / "new/dir/out.json", ds)
+
+
+def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_path):
+    from pmvis.jobs.predict import parse_overrides
+    from pmvis.jobs.pseudo_masks import parse_options
+    from pmvis.platform.pseudo_masks import _read_manifest
+    from pmvis.platform.synthetic import write_coco_stills
+
+    with pytest.raises(PmvisError, match=r"--set .*aliases"):
+        parse_overrides(["a=[&x 1, *x]"])
+    with pytest.raises(PmvisError, match=r"--option .*aliases"):
+        parse_options(["grabcut.iterations=[&x 1, *x]"])
+    (tmp_path / "manifest.json").write_bytes(b'{"sources": "\xff"}')
+    with pytest.raises(PmvisError, match=r"manifest.json: not UTF-8.*delete the manifest"):
+        _read_manifest(tmp_path)
+    (tmp_path / "truth.json").write_bytes(b"{")
+    with pytest.raises(PmvisError, match=r"truth.json: malformed JSON"):
+        write_coco_stills(tmp_path)

@@ -132,5 +132,5 @@ def test_missing_image_is_named_when_read(tmp_path):
     _write_coco(tmp_path, with_masks=False)
     (tmp_path / "images" / "a.png").unlink()
     sampler = _sampler(tmp_path)
-    with pytest.raises(PmvisError, match=r"video id=7, frame 0 .*a.png.*missing"):
+    with pytest.raises(PmvisError, match=r"video id=7, frame 0\b.*a.png.*missing"):
         sampler.batch(0)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_overrides(items: list[str]) -> dict:
     """['chunk_size=5', 'test_short_side=null'] -> {'chunk_size': 5, 'test_short_side': None}."""
-    import yaml
+    from pmvis.platform.config import safe_load_yaml
 
     from pmvis.platform.errors import PmvisError
 
@@ -45,10 +45,7 @@ def parse_overrides(items: list[str]) -> dict:
         key = key.strip()
         if not sep or not key:
             raise PmvisError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise PmvisError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        out[key] = safe_load_yaml(value, f"--set {item!r}")
     return out
 
 

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_options(items: list[str]) -> dict[str, dict]:
     """['hqsam.model_type=vit_b', ...] -> {'hqsam': {'model_type': 'vit_b'}} (values as YAML)."""
-    import yaml
+    from pmvis.platform.config import safe_load_yaml
 
     from pmvis.platform.errors import PmvisError
 
@@ -50,7 +50,7 @@ def parse_options(items: list[str]) -> dict[str, dict]:
         source, dot, knob = key.partition(".")
         if not sep or not dot or not source or not knob:
             raise PmvisError(f"--option {item!r}: expected SOURCE.KEY=VALUE")
-        out.setdefault(source, {})[knob] = yaml.safe_load(value)
+        out.setdefault(source, {})[knob] = safe_load_yaml(value, f"--option {item!r}")
     return out
 
 

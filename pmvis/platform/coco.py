@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pmvis.platform.errors import PmvisError
+from pmvis.platform.io import read_json
 from pmvis.platform.ytvis import (
-    BOX_TOLERANCE_PX, MAX_IMAGE_SIDE_PX, YTVISDataset, _Problems, _read_json, check_file_name, is_finite_number,
+    BOX_TOLERANCE_PX, MAX_IMAGE_SIDE_PX, YTVISDataset, _Problems, check_file_name, is_finite_number,
     parse_ytvis,
 )
 
@@ -143,7 +144,7 @@ def load_coco_stills(path: str | os.PathLike, images_root: str | os.PathLike) ->
     images_root = Path(images_root)
     if not images_root.is_dir():
         raise PmvisError(f"{images_root}: image directory not found (COCO file {path})")
-    raw = _read_json(path)
+    raw = read_json(path)
     dataset = parse_ytvis(coco_to_ytvis(raw, source=str(path)), source=f"{path} (as one-frame videos)")
     dataset.path = path
     dataset.frames_root = images_root

@@ -94,6 +94,20 @@ def read_text_utf8(path: str | os.PathLike) -> str:
         raise PmvisError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON input file; undecodable bytes, bad syntax, numbers Python refuses and absurd
+    nesting are PmvisErrors naming the file (JSON is UTF-8 by RFC 8259, whatever the locale)."""
+    text = read_text_utf8(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PmvisError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # e.g. an integer literal longer than sys.get_int_max_str_digits()
+        raise PmvisError(f"{path}: malformed JSON: {e}") from None
+    except RecursionError:
+        raise PmvisError(f"{path}: malformed JSON: nested too deeply") from None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file: the same inode where both exist (hard links too), else the
     same resolved path."""

@@ -38,7 +38,6 @@ import importlib
 import json
 import logging
 import pickle
-import shutil
 import time
 import traceback
 import zipfile
@@ -52,7 +51,7 @@ from pydantic import ValidationError
 
 from pmvis.platform.config import StrictConfig, dump_config
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import write_json_atomic
+from pmvis.platform.io import read_json, write_json_atomic
 from pmvis.platform.raw_masks import (
     RAW_DIRNAME,
     RawTrack,
@@ -348,9 +347,9 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PmvisError(f"{path}: unreadable manifest ({e}); delete it to regenerate every source") from None
+        manifest = read_json(path)
+    except PmvisError as e:
+        raise PmvisError(f"{e}; delete the manifest to regenerate every source") from None
     if not isinstance(manifest, dict):
         raise PmvisError(f"{path}: not a pmvis pseudo-masks manifest; delete it to regenerate every source")
     return manifest

@@ -8,7 +8,6 @@ box-prompted source is asked about), so sources are compared on the same frames.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from pmvis.models.filters import FilterConfig
 from pmvis.platform.config import StrictConfig, dump_config
 from pmvis.platform.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.io import atomic_path, write_json_atomic, write_text_atomic
+from pmvis.platform.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 from pmvis.platform.raw_masks import RAW_DIRNAME, RawTrack, read_raw
 from pmvis.platform.ytvis import (
-    DEFECTS_FILENAME, TRUTH_FILENAME, Annotation, YTVISDataset, box_mask_rle, decode_mask, load_dataset_dir, load_ytvis,
+    DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset, decode_mask, load_dataset_dir, load_ytvis,
 )
 
 IOU_LEVELS = (0.5, 0.75)
@@ -209,7 +208,7 @@ def build_report(
         result["quality"] = {n: {k: v for k, v in q.items() if k != "per_annotation"} for n, q in quality.items()}
     defects_path = data_dir / DEFECTS_FILENAME
     if defects_path.exists():
-        result["filters"] = _filter_scores(filter_report, json.loads(defects_path.read_text()))
+        result["filters"] = _filter_scores(filter_report, read_json(defects_path))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []

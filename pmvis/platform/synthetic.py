@@ -28,7 +28,6 @@ others and changing defect rates does not change the images.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from pmvis.platform.config import StrictConfig
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import write_json_atomic
+from pmvis.platform.io import read_json, write_json_atomic
 
 CATEGORIES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross")
 DEFECT_KINDS: tuple[str, ...] = ("inaccurate", "missing")
@@ -482,7 +481,7 @@ def write_coco_stills(data_dir: str | os.PathLike, *, boxes_only: bool = True,
     ``JPEGImages/``): the true boxes, and the true masks unless ``boxes_only`` — the input of
     ``pmvis pretrain``, in the format COCO train2017 has."""
     data_dir = Path(data_dir)
-    truth = json.loads((data_dir / "truth.json").read_text())
+    truth = read_json(data_dir / "truth.json")
     images, annotations = [], []
     image_id: dict[tuple[int, int], int] = {}
     for v in truth["videos"]:

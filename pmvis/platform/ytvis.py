@@ -8,7 +8,6 @@ validation collects several problems before raising so a user can fix a file in 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import check_output_file, read_text_utf8, write_json_atomic
+from pmvis.platform.io import check_output_file, read_json, write_json_atomic
 
 # A box may overhang the image by this much (pixels) before it is an error: boxes derived from
 # polygons or resized annotations land a fraction of a pixel outside.
@@ -415,20 +414,6 @@ def check_file_name(name: Any) -> str:
     return name
 
 
-def _read_json(path: Path) -> Any:
-    """Parse a JSON input file; undecodable bytes, bad syntax, numbers Python refuses and absurd
-    nesting are PmvisErrors naming the file (JSON is UTF-8 by RFC 8259, whatever the locale)."""
-    text = read_text_utf8(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PmvisError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except ValueError as e:  # e.g. an integer literal longer than sys.get_int_max_str_digits()
-        raise PmvisError(f"{path}: malformed JSON: {e}") from None
-    except RecursionError:
-        raise PmvisError(f"{path}: malformed JSON: nested too deeply") from None
-
-
 def _parse_videos(raw: Any, problems: _Problems) -> dict[int, Video]:
     videos: dict[int, Video] = {}
     if not isinstance(raw, list):
@@ -630,7 +615,7 @@ def load_ytvis(
     every listed frame file exists (cheap stat calls; decoding happens when frames are read).
     """
     path = Path(path)
-    dataset = parse_ytvis(_read_json(path), source=str(path))
+    dataset = parse_ytvis(read_json(path), source=str(path))
     dataset.path = path
     dataset.frames_root = Path(frames_root) if frames_root is not None else path.parent / FRAMES_DIRNAME
     if check_frames:
@@ -710,7 +695,7 @@ def parse_results(raw: Any, gt: YTVISDataset, *, source: str = "<memory>") -> li
 
 def load_results(path: str | os.PathLike, gt: YTVISDataset) -> list[Result]:
     path = Path(path)
-    return parse_results(_read_json(path), gt, source=str(path))
+    return parse_results(read_json(path), gt, source=str(path))
 
 
 def save_results(results: Iterable[Result], path: str | os.PathLike) -> None:
