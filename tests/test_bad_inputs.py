@@ -267,3 +267,12 @@ def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_pa
     (tmp_path / "truth.json").write_bytes(b"{")
     with pytest.raises(PmvisError, match=r"truth.json: malformed JSON"):
         write_coco_stills(tmp_path)
+
+
+def test_resume_counts_only_real_video_files_as_done(tmp_path):
+    from pmvis.platform.raw_masks import done_videos, raw_file
+
+    write_video_rows(tmp_path, "grabcut", 3, rows_from_tracks([], 4, 4))
+    raw_file(tmp_path, "grabcut", 5).mkdir()  # a folder named like a video file
+    (raw_file(tmp_path, "grabcut", 0).parent / "video_abc.parquet").write_bytes(b"")
+    assert done_videos(tmp_path, "grabcut") == {3} and done_videos(tmp_path, "other") == set()

@@ -74,11 +74,9 @@ def clear_source(raw_dir: str | os.PathLike, source: str) -> None:
 
 
 def done_videos(raw_dir: str | os.PathLike, source: str) -> set[int]:
-    """Videos whose masks from ``source`` are already stored (the resume check)."""
-    folder = source_dir(raw_dir, source)
-    if not folder.is_dir():
-        return set()
-    return {int(p.stem.split("_")[1]) for p in folder.glob("video_*.parquet")}
+    """Videos whose masks from ``source`` are already stored (the resume check): the same files
+    read_raw reads, so a stray name or a folder named like a video file is never taken as done."""
+    return {vid for src, vid in stored_video_files(raw_dir).values() if src == source}
 
 
 def rows_from_tracks(tracks: Iterable[RawTrack], height: int, width: int) -> dict[str, list]:
