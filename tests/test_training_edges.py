@@ -230,3 +230,19 @@ def test_bad_knobs_are_config_errors(data_dir, override, where):
 
     with pytest.raises(PmvisError, match=where):
         build_train_config(None, [f"data.data_dir={data_dir}", override], preset="tiny")
+
+
+def test_the_final_checkpoint_is_the_newest_complete_one(loop, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from pmvis.platform.training import _final_checkpoint
+
+    five, ten = write_run(loop, tmp_path)
+    pt = ten / "checkpoint.pt"
+    pt.write_bytes(pt.read_bytes()[:100])
+    reported = SimpleNamespace(checkpoint=SimpleNamespace(path=str(ten)))  # what Ray's Result says
+    with caplog.at_level(logging.WARNING, logger="pmvis.platform.training"):
+        assert _final_checkpoint(str(tmp_path), reported) == str(five)
+    assert f"the last reported checkpoint {ten} is not complete" in caplog.text
+    # a finished run started again without Ray's snapshot: Ray reports no checkpoint at all
+    assert _final_checkpoint(str(tmp_path), SimpleNamespace(checkpoint=None)) == str(five)

@@ -86,6 +86,7 @@ EVALUATION_FILENAME = "evaluation.json"
 CHECKPOINT_PREFIX = "checkpoint_"  # checkpoint directories: checkpoint_<iteration, 8 digits>
 RUN_LOCK_FILENAME = ".pmvis.lock"  # in the run directory, flock-ed while a run is alive
 TEMP_CHECKPOINT_PREFIX = "pmvis-ckpt-"  # a worker's checkpoint before Ray copies it: pmvis-ckpt-<pid>-*
+MAX_ERROR_MESSAGE_BYTES = 4096  # a worker's PmvisError message shared with the other ranks, cut to this
 MAX_LISTED_PROBLEMS = 5  # an error message names this many missing files, then counts the rest
 TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.synthetic.CATEGORIES)
 
@@ -266,9 +267,14 @@ def agree_on_error(error: PmvisError | None, device: Any = "cpu") -> None:
     dist.all_reduce(flag)
     if float(flag.item()) == 0.0:
         return
-    messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else str(error))
-    raise WorkerInputError(next(m for m in messages if m is not None))
+    # The messages as fixed-size byte tensors on the collective's device (NCCL needs them there).
+    text = b"" if error is None else str(error).encode()[:MAX_ERROR_MESSAGE_BYTES]
+    mine = torch.zeros(MAX_ERROR_MESSAGE_BYTES, dtype=torch.uint8, device=device)
+    mine[:len(text)] = torch.tensor(list(text), dtype=torch.uint8, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    messages = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
+    raise WorkerInputError(next((m for m in messages if m), "a worker failed on bad input"))
 
 
 class NonFiniteLoss(Exception):
@@ -1063,6 +1069,27 @@ def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> Tra
         return _run_training_locked(cfg, callbacks)
 
 
+def _is_complete(checkpoint_dir: str) -> bool:
+    try:
+        verify_checkpoint(checkpoint_dir)
+        return True
+    except PmvisError as e:
+        logger.warning("checkpoint %s is not complete in storage: %s", checkpoint_dir, e)
+        return False
+
+
+def _final_checkpoint(run_dir: str, result: Any) -> str | None:
+    """The run's newest complete checkpoint: the one Ray reports may be a copy cut short, or (a
+    finished run started again without Ray's snapshot) missing."""
+    reported = str(result.checkpoint.path) if result.checkpoint is not None else None
+    if _is_remote(run_dir):
+        return reported
+    latest = latest_checkpoint(run_dir)
+    if reported is not None and (latest is None or Path(latest) != Path(reported)):
+        logger.warning("the last reported checkpoint %s is not complete; using %s", reported, latest)
+    return latest
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`run_training`; the message says where a rerun resumes (CLI: exit 130)."""
 
@@ -1070,9 +1097,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 def _interrupted_message(cfg: TrainConfig) -> str:
     try:
         latest = latest_checkpoint(run_dir_of(cfg))
-        iteration = read_checkpoint_meta(latest).get("iteration") if latest else 0
+        iteration = read_checkpoint_meta(latest).get("iteration") if latest else None
     except PmvisError:
         iteration = "?"
+    if iteration is None:
+        return f"run {cfg.run_name} interrupted before its first checkpoint; rerun the same command to start it again"
     return (f"run {cfg.run_name} interrupted at iteration {iteration} (its last complete checkpoint); "
             "rerun the same command to resume")
 
@@ -1132,12 +1161,14 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
             eval_path = f"{run_dir}/{EVALUATION_FILENAME}"
             write_json_atomic(eval_path, evaluation, indent=1)
             client.log_artifact(run_id, eval_path)
-        checkpoint = str(result.checkpoint.path) if result.checkpoint is not None else None
+        checkpoint = _final_checkpoint(run_dir, result)
         best = checkpoint
         scored = [(m.get("eval_AP"), c) for c, m in (result.best_checkpoints or [])
                   if isinstance(m.get("eval_AP"), (int, float))]
         if scored:
             best = str(max(scored, key=lambda x: x[0])[1].path)
+            if not _is_remote(run_dir) and not _is_complete(best):
+                best = checkpoint
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
     except BaseException as e:
         status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
