@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=1200, help="training iterations of every model")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     p.add_argument("--no-pretrained", action="store_true", help="train every model from scratch")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start every model from this checkpoint (e.g. a `pmvis pretrain --export` candidate) "
+                        "instead of the shipped weights")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/method"))
     args = p.parse_args(argv)
     if not 0 < args.held_out < args.videos:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_synthetic(data_dir, synth, overwrite=True, progress=True)
     annotations = load_ytvis(data_dir / "annotations.json", check_frames=True)
     tracking_uri = default_tracking_uri(out / "mlflow")
-    start = None if args.no_pretrained else str(shipped_weights(TINY_PRETRAINED))
+    start = None if args.no_pretrained else (args.init_from or str(shipped_weights(TINY_PRETRAINED)))
     connect("local")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     timings: dict[str, float] = {}
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     closed = (ap["pmvis"].get("AP", 0.0) - ap["box-only"].get("AP", 0.0)) / gap if gap > 0 else None
     lines = [f"# Method benchmark: {args.videos - args.held_out} training / {args.held_out} held-out videos × "
              f"{args.frames} frames, seed {args.seed}, {args.iterations} iterations per model, "
-             f"{'box-pretrained start' if start else 'from scratch'}", "",
+             f"{f'box-pretrained start ({Path(start).name})' if start else 'from scratch'}", "",
              "| model | AP | AP50 | AP75 | AR10 |", "|---|---|---|---|---|"]
     for k, ev in ap.items():
         lines.append(f"| {k} | " + " | ".join("-" if ev.get(n) is None else f"{ev[n]:.1f}"
