@@ -181,3 +181,101 @@ def test_cli_writes_metrics_and_rejects_bad_results(tmp_path, capsys):
                  "--out", str(tmp_path / "m2.json")]) == 2
     assert "video id=5" in capsys.readouterr().err
     assert not (tmp_path / "m2.json").exists()
+
+
+# ----------------------------------------------------------------------------- fast path == exact path
+
+
+def _random_masks(rng: np.random.Generator, frames: int, base: np.ndarray | None = None) -> list[np.ndarray | None]:
+    """A blob track: a jittered copy of ``base`` or a new random rectangle union; some frames
+    absent (None) and some present but empty."""
+    out: list[np.ndarray | None] = []
+    for t in range(frames):
+        roll = rng.random()
+        if roll < 0.15:
+            out.append(None)
+        elif roll < 0.2:
+            out.append(np.zeros((H, W), dtype=bool))
+        elif base is not None and base[t] is not None:
+            out.append(np.roll(base[t], tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) | (rng.random((H, W)) < 0.02))
+        else:
+            y, x = rng.integers(0, H - 4), rng.integers(0, W - 4)
+            out.append(rect(H, W, y, y + int(rng.integers(3, 20)), x, x + int(rng.integers(3, 20))))
+    return out
+
+
+def _random_set(seed: int, videos: int = 12, frames: int = 5) -> tuple[dict, list[dict]]:
+    """Many overlapping same- and cross-category tracks, crowd ground truth, None and empty frames."""
+    rng = np.random.default_rng(seed)
+    anns, preds, tracks = [], [], {}
+    for v in range(1, videos + 1):
+        tracks[v] = []
+        for _ in range(int(rng.integers(1, 5))):
+            masks = _random_masks(rng, frames)
+            if all(m is None or not m.any() for m in masks):
+                masks[0] = SQ
+            cat = int(rng.integers(1, 4))
+            tracks[v].append((masks, cat))
+            anns.append({"id": len(anns) + 1, "video_id": v, "category_id": cat, "masks": masks,
+                         "iscrowd": int(rng.random() < 0.15)})
+        for _ in range(int(rng.integers(0, 12))):
+            base, cat = tracks[v][int(rng.integers(len(tracks[v])))]
+            masks = _random_masks(rng, frames, base if rng.random() < 0.7 else None)
+            preds.append({"video_id": v, "category_id": cat if rng.random() < 0.8 else int(rng.integers(1, 4)),
+                          "score": float(rng.random()), "masks": masks})
+    return _dataset({v: frames for v in range(1, videos + 1)}, anns, categories=(1, 2, 3)), preds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pruned_evaluation_equals_exact_evaluation(seed):
+    gt_dict, preds = _random_set(seed)
+    gt = parse_ytvis(gt_dict)
+    results = parse_results(_results(preds), gt)
+    fast, exact = evaluate_ytvis(gt, results), evaluate_ytvis(gt, results, prune=False)
+    np.testing.assert_array_equal(fast.precision, exact.precision)
+    np.testing.assert_array_equal(fast.recall, exact.recall)
+    assert fast.metrics == exact.metrics and fast.metrics["AP"] > 0.0
+
+
+def test_track_intersections_count_pixels_even_when_frames_wrap(monkeypatch):
+    """The shifted-canvas walk gives the pixel counts, also when the canvas holds fewer frames
+    than the video (pycocotools' 32-bit counts cap it) so later frames reuse earlier blocks."""
+    import pmvis.platform.evaluation as evaluation
+
+    rng = np.random.default_rng(7)
+    base = _random_masks(rng, 6)
+    dts = [_random_masks(rng, 6, base) for _ in range(5)] + [base]
+    gts = [base, _random_masks(rng, 6)]
+    as_rles = lambda track: [None if m is None else rle(m) for m in track]  # noqa: E731
+    expected = np.array([[sum(int(np.count_nonzero(a & b)) for a, b in zip(d, g) if a is not None and b is not None)
+                          for g in gts] for d in dts])
+    for max_pixels in (evaluation._MAX_SHIFTED_PIXELS, 2 * H * W):  # all frames on one canvas / 2 per canvas
+        monkeypatch.setattr(evaluation, "_MAX_SHIFTED_PIXELS", max_pixels)
+        inter, _, _ = track_intersections([as_rles(d) for d in dts], [as_rles(g) for g in gts])
+        np.testing.assert_array_equal(inter, expected)
+
+
+def test_iou_upper_bound_holds_and_only_prunes_below_the_lowest_threshold():
+    from pmvis.platform.evaluation import PRUNE_BELOW, _iou_upper_bound, _pair_ious, _Tracks
+
+    gt_dict, preds = _random_set(11, videos=1, frames=6)
+    rng = np.random.default_rng(3)
+    gts = [a.segmentations for a in parse_ytvis(gt_dict).annotations]
+    dts = [[None if m is None else rle(m) for m in _random_masks(rng, 6)] for _ in range(30)]
+    d, g = _Tracks.build(dts, 6), _Tracks.build(gts, 6)
+    pairs = np.stack(np.meshgrid(np.arange(len(dts)), np.arange(len(gts)), indexing="ij"), -1).reshape(-1, 2)
+    exact = _pair_ious(d, g, pairs, prune=False)
+    bound = _iou_upper_bound(d, g, pairs)
+    assert np.all(bound >= exact)
+    pruned = _pair_ious(d, g, pairs, prune=True)
+    assert np.any((bound < PRUNE_BELOW) & (exact > 0))  # this set does exercise the pruning
+    np.testing.assert_array_equal(pruned[bound >= PRUNE_BELOW], exact[bound >= PRUNE_BELOW])
+    assert np.all(pruned[bound < PRUNE_BELOW] == 0) and np.all(exact[bound < PRUNE_BELOW] < PRUNE_BELOW)
+
+
+def test_mask_quality_keeps_low_ious_exact():
+    """mask_quality reports every IoU, so nothing below the AP thresholds may be pruned there."""
+    low = rect(H, W, 5, 15, 5, 7)  # 20 of SQ's 100 px
+    gt = parse_ytvis(_dataset({1: 2}, [{"id": 1, "video_id": 1, "masks": [SQ, SQ]}]))
+    pred = parse_ytvis(_dataset({1: 2}, [{"id": 1, "video_id": 1, "masks": [low, None]}]))
+    assert mask_quality(pred.annotations, gt).per_annotation == {1: pytest.approx(20 / 200)}

@@ -42,26 +42,129 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 
 # ----------------------------------------------------------------------------- spatio-temporal IoU
 
+# An IoU below every matching threshold never changes a match (``_match`` starts at the lowest
+# threshold), so ``evaluate_ytvis`` may report such a pair as 0 without computing it.
+PRUNE_BELOW = float(IOU_THRESHOLDS.min())
+# Shifted frames of one ``mask.iou`` call stay below this many pixels: pycocotools decodes each
+# count into a C ``int`` 5 bits at a time, so counts up to 2**29 are exact.
+_MAX_SHIFTED_PIXELS = 1 << 28
+# Cap on one ``mask.iou`` call's (detection masks × ground-truth masks) result matrix.
+_MAX_IOU_CELLS = 1 << 20
+
+
+# Characters of a compressed-RLE count that say "more characters follow" (bit 0x20 set).
+_MORE_CHARS = "".join(map(chr, range(48 + 0x20, 48 + 0x40)))
+
+
+def _shifted(rle: Rle, offset: int, size: list[int]) -> Rle:
+    """``rle`` with ``offset`` background pixels prepended, on a canvas of ``size``.
+
+    Column-major RLE: ``offset = slot·H·W`` moves the mask ``slot·W`` columns right on an
+    ``H × (W·slots)`` canvas. pycocotools stores the first three counts without deltas, so only
+    the first count's characters change (``rleFrString``/``rleToString``). The tail is not
+    padded: two masks shifted to the same slot have equal totals, which is all ``rleIou``'s walk
+    needs; masks in different slots have disjoint boxes, so pycocotools never walks them
+    against each other.
+    """
+    counts = rle["counts"]
+    k = len(counts) - len(counts.lstrip(_MORE_CHARS)) + 1  # characters of the first count
+    x = 0
+    for i, ch in enumerate(counts[:k]):
+        x |= ((ord(ch) - 48) & 0x1F) << (5 * i)
+    if (ord(counts[k - 1]) - 48) & 0x10:  # sign bit of the last chunk
+        x -= 1 << (5 * k)
+    x += offset
+    out = []
+    while True:
+        c = x & 0x1F
+        x >>= 5
+        if x or c & 0x10:  # more chunks follow (a set bit 4 would read as a sign otherwise)
+            out.append(c + 0x20 + 48)
+        else:
+            out.append(c + 48)
+            break
+    return {"size": size, "counts": bytes(out).decode("ascii") + counts[k:]}
+
 
 @dataclass
 class _Tracks:
     """A video's tracks in pycocotools form with per-frame presence and areas (one area call)."""
 
-    rles: list[list[dict | None]]
+    rles: Sequence[Sequence[Rle | None]]  # compressed RLEs (str counts: pycocotools takes them)
     present: np.ndarray  # (n, T) bool
     areas: np.ndarray  # (n, T) float64, 0 where absent
 
     @classmethod
     def build(cls, tracks: Sequence[Sequence[Rle | None]], length: int) -> "_Tracks":
-        rles = [[None if s is None else {"size": s["size"], "counts": s["counts"].encode("ascii")
-                                         if isinstance(s["counts"], str) else s["counts"]} for s in tr]
-                for tr in tracks]
-        present = np.array([[r is not None for r in tr] for tr in rles], dtype=bool).reshape(len(rles), length)
+        present = np.array([[r is not None for r in tr] for tr in tracks], dtype=bool).reshape(len(tracks), length)
         areas = np.zeros(present.shape)
-        flat = [r for tr in rles for r in tr if r is not None]
+        flat = [r for tr in tracks for r in tr if r is not None]
         if flat:
             areas[present] = rle_areas(flat)  # row-major order == the order of ``flat``
-        return cls(rles, present, areas)
+        return cls(tracks, present, areas)
+
+    @property
+    def length(self) -> int:
+        return self.present.shape[1]
+
+
+def _iou_upper_bound(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
+    """An upper bound on each pair's spatio-temporal IoU from per-frame areas alone.
+
+    Per frame |D∩G| ≤ min(|D|, |G|), and IoU = I / (ΣD + ΣG − I) grows with I, so putting the
+    bound in for I bounds the IoU. Bound and IoU are each one correctly rounded division of
+    exact integers, so the float bound is never below the float IoU.
+
+    Box overlaps would tighten it, but pycocotools' ``toBbox`` costs more per mask than parsing
+    and walking the mask in ``mask.iou`` (which itself skips frames whose boxes are disjoint),
+    so a box bound was slower overall (benchmarks/README.md, evaluate).
+    """
+    di, gj = pairs[:, 0], pairs[:, 1]
+    inter = np.minimum(d.areas[di], g.areas[gj]).sum(1)
+    return spatio_temporal_iou_pairs(inter, d.areas.sum(1)[di], g.areas.sum(1)[gj])
+
+
+def _pair_intersections(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
+    """Exact Σ_t |D∩G| of the (detection, ground truth) index ``pairs``.
+
+    Every needed frame is shifted into its own column block of one canvas (``_shifted``), so one
+    ``mask.iou`` call per ground truth walks only same-frame pairs (masks of other frames have
+    disjoint boxes, which pycocotools skips); per-frame intersections are recovered exactly
+    from IoU and the two areas.
+    """
+    inter = np.zeros(len(pairs))
+    sizes = (r["size"] for tr in (*d.rles, *g.rles) for r in tr if r is not None)
+    height, width = next(sizes, (0, 0))
+    if len(pairs) == 0 or height * width == 0:  # nothing present, or no pixels: no intersection
+        return inter
+    owner, frame = np.nonzero(d.areas[pairs[:, 0]] * g.areas[pairs[:, 1]])  # both non-empty
+    if not len(owner):
+        return inter
+    di, gj = pairs[owner, 0], pairs[owner, 1]
+    slots = max(1, min(d.length, _MAX_SHIFTED_PIXELS // (height * width)))
+    canvas, block = [height, width * slots], height * width
+    shifted: dict[tuple[int, int], Rle] = {}  # (detection, frame) -> mask on the canvas
+    iou = np.zeros(len(owner))
+    # One call per ground truth: walks only the pairs asked for (a walk costs as much as a parse).
+    for j in np.unique(gj).tolist():
+        mine = np.flatnonzero(gj == j)
+        g_frames = np.unique(frame[mine])
+        col_of = np.zeros(d.length, dtype=int)
+        col_of[g_frames] = np.arange(len(g_frames))
+        gt_rles = [_shifted(g.rles[j][t], (t % slots) * block, canvas) for t in g_frames.tolist()]
+        for start in range(0, len(mine), max(1, _MAX_IOU_CELLS // len(gt_rles))):
+            chunk = mine[start:start + max(1, _MAX_IOU_CELLS // len(gt_rles))]
+            dt_rles = []
+            for i, t in zip(di[chunk].tolist(), frame[chunk].tolist()):
+                if (i, t) not in shifted:
+                    shifted[(i, t)] = _shifted(d.rles[i][t], (t % slots) * block, canvas)
+                dt_rles.append(shifted[(i, t)])
+            ious = np.asarray(mask_utils.iou(dt_rles, gt_rles, [0] * len(gt_rles))).reshape(len(chunk), -1)
+            iou[chunk] = ious[np.arange(len(chunk)), col_of[frame[chunk]]]
+    # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
+    area_sum = d.areas[di, frame] + g.areas[gj, frame]
+    np.add.at(inter, owner, np.rint(iou * area_sum / (1.0 + iou)))
+    return inter
 
 
 def track_intersections(
@@ -69,40 +172,26 @@ def track_intersections(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Σ_t |D∩G| for every (detection, ground truth) pair, and each track's Σ_t area.
 
-    One pycocotools IoU matrix per frame over the masks present in that frame. Returns
-    ``(inter (nd, ng), dt_area (nd,), gt_area (ng,))`` as float64 holding exact integers.
+    Returns ``(inter (nd, ng), dt_area (nd,), gt_area (ng,))`` as float64 holding exact integers.
     """
     nd, ng = len(dt_tracks), len(gt_tracks)
-    if nd == 0 or ng == 0:
-        length = len(dt_tracks[0]) if nd else (len(gt_tracks[0]) if ng else 0)
-        d = _Tracks.build(dt_tracks, length)
-        g = _Tracks.build(gt_tracks, length)
-        return np.zeros((nd, ng)), d.areas.sum(1), g.areas.sum(1)
-    length = len(dt_tracks[0])
+    length = len(dt_tracks[0]) if nd else (len(gt_tracks[0]) if ng else 0)
     d, g = _Tracks.build(dt_tracks, length), _Tracks.build(gt_tracks, length)
-    ious = np.zeros((length, nd, ng))
-    d_all, g_all = d.present.all(0), g.present.all(0)
-    no_crowd = [0] * ng
-    for t, (d_frame, g_frame) in enumerate(zip(zip(*d.rles), zip(*g.rles))):
-        if d_all[t] and g_all[t]:  # the common case: every track present, no index juggling
-            ious[t] = mask_utils.iou(list(d_frame), list(g_frame), no_crowd)
-            continue
-        d_idx = [i for i, r in enumerate(d_frame) if r is not None]
-        g_idx = [j for j, r in enumerate(g_frame) if r is not None]
-        if d_idx and g_idx:
-            ious[t][np.ix_(d_idx, g_idx)] = mask_utils.iou(
-                [d_frame[i] for i in d_idx], [g_frame[j] for j in g_idx], no_crowd[: len(g_idx)]
-            )
-    # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
-    area_sum = d.areas.T[:, :, None] + g.areas.T[:, None, :]
-    inter = np.rint(ious * area_sum / (1.0 + ious)).sum(0)
+    pairs = np.stack(np.meshgrid(np.arange(nd), np.arange(ng), indexing="ij"), -1).reshape(-1, 2)
+    inter = _pair_intersections(d, g, pairs).reshape(nd, ng)
     return inter, d.areas.sum(1), g.areas.sum(1)
 
 
-def spatio_temporal_iou(inter: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray) -> np.ndarray:
-    union = dt_area[:, None] + gt_area[None, :] - inter
+def spatio_temporal_iou_pairs(inter: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray) -> np.ndarray:
+    """Elementwise I / (A + B − I), 0 where the union is empty (arrays of one shape)."""
+    union = dt_area + gt_area - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def spatio_temporal_iou(inter: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray) -> np.ndarray:
+    """The (nd, ng) IoU matrix from ``track_intersections``' output."""
+    return spatio_temporal_iou_pairs(inter, dt_area[:, None], gt_area[None, :])
 
 
 def _average_area(areas: Sequence[float | None]) -> float:
@@ -129,9 +218,12 @@ def _match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray) -> tup
     gt_taken = np.zeros((n_thr, ng), dtype=bool)
     dt_matched = np.zeros((n_thr, nd), dtype=bool)
     dt_ignore = np.zeros((n_thr, nd), dtype=bool)
-    if ng == 0:
+    if ng == 0 or nd == 0:
         return dt_matched, dt_ignore
+    top = ious.max()
     for ti, thr in enumerate(IOU_THRESHOLDS):
+        if top < min(thr, 1 - 1e-10):  # no pair reaches this or any higher threshold
+            break
         for di in range(nd):
             best_iou = min(thr, 1 - 1e-10)
             m = -1
@@ -247,8 +339,25 @@ def video_track_ious(dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Seque
     return spatio_temporal_iou(*track_intersections(dt_tracks, gt_tracks))
 
 
-def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result]) -> EvalResult:
-    """AP/AR of ``results`` against ``gt`` with the official ytvoseval semantics (see module doc)."""
+def _pair_ious(d: _Tracks, g: _Tracks, pairs: np.ndarray, *, prune: bool) -> np.ndarray:
+    """IoU of each (detection, ground truth) pair; with ``prune``, pairs whose upper bound is
+    below ``PRUNE_BELOW`` are 0 without walking their masks (no metric can tell)."""
+    ious = np.zeros(len(pairs))
+    exact = _iou_upper_bound(d, g, pairs) >= PRUNE_BELOW if prune else np.ones(len(pairs), dtype=bool)
+    if exact.any():
+        p = pairs[exact]
+        ious[exact] = spatio_temporal_iou_pairs(
+            _pair_intersections(d, g, p), d.areas.sum(1)[p[:, 0]], g.areas.sum(1)[p[:, 1]])
+    return ious
+
+
+def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result], *, prune: bool = True) -> EvalResult:
+    """AP/AR of ``results`` against ``gt`` with the official ytvoseval semantics (see module doc).
+
+    Only the pairs matching can use are computed: same category, detection among its video and
+    category's top ``MAX_DETS[-1]``. ``prune=False`` also walks the pairs that can never match
+    (the reference the pruned path must equal).
+    """
     cat_ids = sorted(gt.categories)
     gt_by_video = gt.annotations_by_video()
     dt_by_video: dict[int, list[Result]] = {vid: [] for vid in gt.videos}
@@ -261,32 +370,34 @@ def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result]) -> EvalResult:
         dts = dt_by_video[vid]
         if not gts and not dts:
             continue
-        # Only same-category pairs are ever matched: skip tracks whose category the other side lacks.
-        shared = {d.category_id for d in dts} & {g.category_id for g in gts}
-        d_pair = [i for i, d in enumerate(dts) if d.category_id in shared]
-        g_pair = [j for j, g in enumerate(gts) if g.category_id in shared]
-        ious_all = np.zeros((len(dts), len(gts)))
-        if d_pair and g_pair:
-            ious_all[np.ix_(d_pair, g_pair)] = video_track_ious(
-                [dts[i].segmentations for i in d_pair], [gts[j].segmentations for j in g_pair])
-        dt_frame_areas = _Tracks.build([d.segmentations for d in dts], gt.videos[vid].length).areas
-        dt_avg = np.array([_average_area(row) for row in dt_frame_areas])
-        gt_avg = np.array([_average_area(g.areas) for g in gts])
-        for cid in cat_ids:
-            d_idx = [i for i, d in enumerate(dts) if d.category_id == cid]
-            g_idx = [j for j, g in enumerate(gts) if g.category_id == cid]
-            if not d_idx and not g_idx:
-                continue
+        length = gt.videos[vid].length
+        d = _Tracks.build([r.segmentations for r in dts], length)
+        g = _Tracks.build([a.segmentations for a in gts], length)
+        dt_avg = np.array([_average_area(row) for row in d.areas])
+        gt_avg = np.array([_average_area(a.areas) for a in gts])
+        d_by_cat: dict[int, list[int]] = {}
+        g_by_cat: dict[int, list[int]] = {}
+        for i, r in enumerate(dts):
+            d_by_cat.setdefault(r.category_id, []).append(i)
+        for j, a in enumerate(gts):
+            g_by_cat.setdefault(a.category_id, []).append(j)
+        selected: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for cid in sorted(d_by_cat.keys() | g_by_cat.keys()):
+            d_idx, g_idx = d_by_cat.get(cid, []), g_by_cat.get(cid, [])
             scores = np.array([dts[i].score for i in d_idx], dtype=np.float64)
             order = np.argsort(-scores, kind="mergesort")[: MAX_DETS[-1]]
-            d_sel = np.array(d_idx, dtype=int)[order]
-            g_sel = np.array(g_idx, dtype=int)
+            selected.append((cid, np.array(d_idx, dtype=int)[order], np.array(g_idx, dtype=int), scores[order]))
+        pairs = np.array([(i, j) for _, d_sel, g_sel, _ in selected for i in d_sel for j in g_sel],
+                         dtype=int).reshape(-1, 2)
+        ious_all = np.zeros((len(dts), len(gts)))
+        ious_all[pairs[:, 0], pairs[:, 1]] = _pair_ious(d, g, pairs, prune=prune)
+        for cid, d_sel, g_sel, scores in selected:
             evals[cid].append(_evaluate_video_category(
                 ious_all[np.ix_(d_sel, g_sel)],
-                scores[order],
-                dt_avg[d_sel] if len(d_sel) else np.zeros(0),
-                gt_avg[g_sel] if len(g_sel) else np.zeros(0),
-                np.array([gts[j].iscrowd == 1 for j in g_idx], dtype=bool),
+                scores,
+                dt_avg[d_sel],
+                gt_avg[g_sel],
+                np.array([gts[j].iscrowd == 1 for j in g_sel], dtype=bool),
             ))
 
     precision, recall = _accumulate(evals, cat_ids)
@@ -360,11 +471,13 @@ def mask_quality(predicted: Sequence[Annotation], reference: YTVISDataset) -> Ma
             if len(a.segmentations) != len(r.segmentations):
                 raise PmvisError(f"annotation id={a.id}: {len(a.segmentations)} frames vs "
                                  f"{len(r.segmentations)} in the reference")
-        inter, p_area, r_area = track_intersections([a.segmentations for a in anns],
-                                                    [r.segmentations for r in refs])
-        i = np.diag(inter)
-        union = p_area + r_area - i
-        for a, ii, uu in zip(anns, i, union):
+        length = len(anns[0].segmentations)
+        pred_tracks = _Tracks.build([a.segmentations for a in anns], length)
+        ref_tracks = _Tracks.build([r.segmentations for r in refs], length)
+        same_id = np.repeat(np.arange(len(anns)), 2).reshape(-1, 2)  # exact: low IoUs count here
+        inter = _pair_intersections(pred_tracks, ref_tracks, same_id)
+        union = pred_tracks.areas.sum(1) + ref_tracks.areas.sum(1) - inter
+        for a, ii, uu in zip(anns, inter, union):
             per_annotation[a.id] = float(ii / uu) if uu > 0 else None
     values = [v for v in per_annotation.values() if v is not None]
     return MaskQuality(per_annotation=per_annotation, mean=float(np.mean(values)) if values else None)
