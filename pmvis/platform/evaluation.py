@@ -13,9 +13,13 @@ Semantics (youtubevos/cocoapi ``ytvoseval.py``), reproduced exactly:
 * accumulation with 101 recall points and maxDets 1/10/100; -1 where a stat is undefined.
 
 Where the official code loops over every detection/ground-truth pair and frame merging RLEs,
-here each frame of a video costs one ``pycocotools.mask.iou`` call for all of the video's
-detections × ground truths; intersections are recovered exactly from IoU and the two areas
-(they are integers), unions follow from the per-track area sums.
+here only pairs that matching can use are computed (same category, detection among the top
+``MAX_DETS[-1]``), and of those only pairs whose IoU upper bound from per-frame areas reaches
+``PRUNE_BELOW`` (the lowest IoU threshold): below it no metric can tell the IoU from 0. Each
+remaining pair-frame is one RLE walk: a ground truth's frames and its detections' frames are
+shifted side by side onto one canvas so one ``pycocotools.mask.iou`` call walks only same-frame
+pairs; intersections are recovered exactly from IoU and the two areas (they are integers),
+unions follow from the per-track area sums. ``mask_quality`` needs every IoU, so it is exact.
 """
 
 from __future__ import annotations
