@@ -246,13 +246,17 @@ def test_track_intersections_count_pixels_even_when_frames_wrap(monkeypatch):
     base = _random_masks(rng, 6)
     dts = [_random_masks(rng, 6, base) for _ in range(5)] + [base]
     gts = [base, _random_masks(rng, 6)]
-    as_rles = lambda track: [None if m is None else rle(m) for m in track]  # noqa: E731
+
+    def as_rles(track: list[np.ndarray | None], as_bytes: bool = False) -> list[dict | None]:
+        out = [None if m is None else rle(m) for m in track]
+        return [r if r is None or not as_bytes else {**r, "counts": r["counts"].encode()} for r in out]
+
     expected = np.array([[sum(int(np.count_nonzero(a & b)) for a, b in zip(d, g) if a is not None and b is not None)
                           for g in gts] for d in dts])
     for max_pixels in (evaluation._MAX_SHIFTED_PIXELS, 2 * H * W):  # all frames on one canvas / 2 per canvas
         monkeypatch.setattr(evaluation, "_MAX_SHIFTED_PIXELS", max_pixels)
-        inter, _, _ = track_intersections([as_rles(d) for d in dts], [as_rles(g) for g in gts])
-        np.testing.assert_array_equal(inter, expected)
+        inter, _, _ = track_intersections([as_rles(d) for d in dts], [as_rles(g, as_bytes=True) for g in gts])
+        np.testing.assert_array_equal(inter, expected)  # pycocotools' bytes counts are accepted too
 
 
 def test_iou_upper_bound_holds_and_only_prunes_below_the_lowest_threshold():

@@ -71,6 +71,8 @@ def _shifted(rle: Rle, offset: int, size: list[int]) -> Rle:
     against each other.
     """
     counts = rle["counts"]
+    if isinstance(counts, bytes):  # pycocotools' own form; the data layer's is str
+        counts = counts.decode("ascii")
     k = len(counts) - len(counts.lstrip(_MORE_CHARS)) + 1  # characters of the first count
     x = 0
     for i, ch in enumerate(counts[:k]):
