@@ -22,9 +22,9 @@ UV_RUN_HOOK_ENV = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
 # interface, so an unauthenticated Ray lets anyone on the network run code as this user.
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 ALLOW_NO_AUTH_ENV = "PMVIS_ALLOW_UNAUTHENTICATED_RAY"
-# With metrics collection on, Ray serves three Prometheus endpoints on 0.0.0.0 (dashboard 44227,
-# autoscaler 44217, the metrics agent): pmvis reads none of them, so it is off unless the user
-# sets the switch.
+# With metrics collection on, Ray's metrics agent serves Prometheus on 0.0.0.0; pmvis reads none
+# of it, so collection is off unless the user sets the switch. (The dashboard's and autoscaler's
+# own endpoints, 44227 and 44217, start whatever this says: see the README.)
 RAY_METRICS_ENV = "RAY_enable_metrics_collection"
 
 
