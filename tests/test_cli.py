@@ -25,15 +25,18 @@ def test_top_level_help_lists_commands():
         assert command in out.stdout
 
 
+DEMO_TEST_TRIALS = 2
+
+
 @pytest.mark.slow
 def test_demo_tiny(ray_session, tmp_path, capsys):
     """The whole demo on a tiny set: synth, baselines, box-only training, pseudo masks on Ray Data,
-    fuse/filter, PM-VIS and fully supervised training, comparison, a 4-trial sweep + compare,
-    report, summary."""
+    fuse/filter, PM-VIS and fully supervised training, comparison, a sweep + compare, report,
+    summary. Two sweep trials (the demo's default is 4): test_sweep covers ranking and ASHA."""
     import mlflow
 
     out = tmp_path / "demo"
-    assert main(["demo", "--tiny", "--out", str(out)]) == 0
+    assert main(["demo", "--tiny", "--out", str(out), "--sweep-trials", str(DEMO_TEST_TRIALS)]) == 0
     text = capsys.readouterr().out
     assert "box_baseline" in text and "AP50" in text and "mean IoU" in text
     box = json.loads((out / "metrics_box_baseline.json").read_text())
@@ -56,20 +59,20 @@ def test_demo_tiny(ray_session, tmp_path, capsys):
     assert len(runs) == 1 and "metrics.grabcut.mean_iou" in runs.columns
     train_runs = mlflow.search_runs(experiment_names=["pmvis-demo-train"])
     assert len(train_runs) == 3
-    # The closing sweep: 4 trials of the demo space, one MLflow run each (knobs as params, eval_AP),
+    # The closing sweep: the trials of the demo space, one MLflow run each (knobs as params, eval_AP),
     # compared (CSV + PNG), the best config written, and everything named in the summary.
     sweep_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep"])
-    assert len(sweep_runs) == 4 and "metrics.eval_AP" in sweep_runs.columns
+    assert len(sweep_runs) == DEMO_TEST_TRIALS and "metrics.eval_AP" in sweep_runs.columns
     assert {"params.fuse.mode", "params.filter.ria_tau", "params.loss.tk_k"} <= set(sweep_runs.columns)
     trainer_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep-train"])
-    assert len(trainer_runs) == 4 and set(trainer_runs["status"]) <= {"FINISHED", "KILLED"}  # none left RUNNING
+    assert len(trainer_runs) == DEMO_TEST_TRIALS and set(trainer_runs["status"]) <= {"FINISHED", "KILLED"}  # none left RUNNING
     results = json.loads((out / "sweeps/pmvis-demo-sweep/results.json").read_text())
-    assert len(results["trials"]) == 4 and results["space"].endswith("demo.yaml")
+    assert len(results["trials"]) == DEMO_TEST_TRIALS and results["space"].endswith("demo.yaml")
     assert all(t["status"] == "done" for t in results["trials"]), results["trials"]  # errors name their traceback
     assert set(sweep_runs["status"]) == {"FINISHED"}
     assert (out / "sweeps/pmvis-demo-sweep/best_config.yaml").is_file()
     with open(out / "compare/compare.csv") as f:
-        assert len(f.read().strip().splitlines()) == 5  # header + 4 runs
+        assert len(f.read().strip().splitlines()) == 1 + DEMO_TEST_TRIALS  # header + one line per run
     assert (out / "compare/compare.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     for needle in ("| PM-VIS (pseudo masks) |", "eval_AP", "compare.png", "quality_by_source.png",
