@@ -74,7 +74,6 @@ RESOURCE_KNOBS = frozenset({"actors", "num_gpus"})
 # content identity (size + hash of the first and last FILE_ID_CHUNK_BYTES) joins the fingerprint.
 CHECKPOINT_KNOB_SUFFIX = "checkpoint"
 FILE_ID_CHUNK_BYTES = 1024**2
-HASH_CHUNK_BYTES = 4 * 1024**2  # read size when hashing the annotation file
 # Attempts after the first for a (source, video) whose worker crashed (segfault, OOM kill, lost
 # actor). Errors raised by a source are never retried: they come back as the video's error row.
 MAX_TASK_RETRIES = 1
@@ -334,14 +333,6 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"size": size, "sha256_ends": h.hexdigest()}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / MANIFEST_FILENAME
     if not path.exists():
@@ -402,7 +393,8 @@ def prepare_pseudo_masks(
     files = {name: _checkpoint_files(name, cfg) for name, cfg in configs.items()}
     raw_dir = out_dir / RAW_DIRNAME
     recorded = _read_manifest(out_dir).get("sources") or {}
-    annotations_sha = _file_sha256(Path(dataset.path))
+    with open(dataset.path, "rb") as f:
+        annotations_sha = hashlib.file_digest(f, "sha256").hexdigest()
     plans: dict[str, SourcePlan] = {}
     for name in _source_order(configs, set(stored_sources(raw_dir))):
         cfg = configs[name]
