@@ -9,6 +9,7 @@ would kill every Ray process on the machine.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 import shlex
@@ -190,6 +191,23 @@ def _job_entrypoint(data: Path, raw: Path, space: Path, out: Path, tracking_uri:
         f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"), sweep, compare])
 
 
+def _check_sweep_outputs(sweep_dir: Path) -> None:
+    """A finished sweep's files: every trial done, and the best trial's config is a `pmvis train`
+    config (its trial's pseudo file, its knobs) that passes train's checks before Ray."""
+    from pmvis.platform.config import load_config
+    from pmvis.platform.training import TrainConfig, preflight
+
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert len(results["trials"]) == JOB_SWEEP_TRIALS and all(t["status"] == "done" for t in results["trials"])
+    best = yaml.safe_load((sweep_dir / "best_trial.yaml").read_text())
+    cfg = load_config(TrainConfig, sweep_dir / "best_config.yaml")
+    assert cfg.data.pseudo_annotations == str(sweep_dir / "pmvis_trials" / best["trial_id"] / "pseudo.json")
+    assert cfg.loss.mode == "pmvis" and cfg.loss.pseudo_dice_weight == best["knobs"]["loss.pseudo_dice_weight"]
+    assert best["fuse_config"]["mode"] == best["knobs"]["fuse.mode"]
+    checked, resume = preflight(cfg)
+    assert resume is None and checked.run_name  # a fresh run, not the trial's own
+
+
 def test_ray_workers_run_in_the_installed_environment(ray_session):
     """Not through Ray's `uv run` hook (on when the driver runs under `uv run`, as `.ci/run` does):
     that hook builds a venv inside each uploaded working dir and starts every worker through uv."""
@@ -322,7 +340,7 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
         assert refused.value.code in (401, 403)
 
-        job_id = client.submit_job(
+        job = dict(
             entrypoint=_job_entrypoint(data, raw, space, out, tracking_uri),
             runtime_env={
                 "working_dir": str(REPO),
@@ -330,6 +348,15 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
                              "pmvis-demo", "pmvis-compare", "mlflow", "benchmarks/out"],
             },
         )
+        while job_id is None:
+            try:
+                job_id = client.submit_job(**job)
+            except RuntimeError as e:
+                # The dashboard answers before its agent is up on a loaded machine (HTTP 500 "No
+                # available agent to submit job, please try again later").
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
         deadline = time.monotonic() + 600
         status = client.get_job_status(job_id)
         while not status.is_terminal():
@@ -349,6 +376,8 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
                      out / "compare" / "compare.png"):
             assert path.exists(), f"{path} missing; job log:\n{logs[-3000:]}"
         assert f"pmvis sweep {JOB_SWEEP}: {JOB_SWEEP_TRIALS} trials" in logs and "best config:" in logs
+        assert "eval_AP" in logs and "fuse.mode" in logs  # the ranked table
+        _check_sweep_outputs(sweep_dir)
         # The job's driver used the head it was submitted to, not a Ray of its own.
         assert "Started a local Ray instance" not in logs, logs[-3000:]
         # Workers ran in the installed environment, not through `uv run` in the uploaded copy (with
@@ -374,6 +403,9 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert len(sweep_runs) == JOB_SWEEP_TRIALS, failures
         for run in sweep_runs:
             assert run.data.params["fuse.mode"] in ("select", "vote") and "eval_AP" in run.data.metrics
+            assert 1.0 <= float(run.data.params["loss.pseudo_dice_weight"]) < 5.0
+            assert run.data.metrics["eval_AP"] == run.data.metrics["eval_AP"]  # logged, not NaN
+            assert not [m for m in run.data.metrics if m.startswith("config")]  # knobs are params, not metrics
         assert len(mlflow_client.search_runs([experiments[f"{JOB_SWEEP}-train"]])) == JOB_SWEEP_TRIALS
     finally:
         if client is not None and job_id is not None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import yaml
 from raw_store_for_tests import make_store
 
 from pmvis.platform.errors import PmvisError
@@ -105,44 +103,9 @@ def _runs(tmp_path, experiment):
     return mlflow.search_runs(experiment_names=[experiment])
 
 
-@pytest.mark.slow
-def test_sweep_two_trials_mlflow_best_config(tmp_path, ray_session, capsys):
-    from pmvis.cli import main
-    from pmvis.platform.config import load_config
-    from pmvis.platform.training import TrainConfig, preflight
-
-    data, raw = make_store(tmp_path)
-    space = space_file(tmp_path)
-    argv = ["sweep", "--space", str(space), "--data", str(data), "--raw", str(raw), "--samples", "2",
-            "--search", "random", "--scheduler", "fifo", "--name", "sw", "--storage", str(tmp_path / "sweeps"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--iterations", "4", "--preset", "tiny",
-            "--set", "checkpoint_every=2", "--set", "log_every=2", "--set", "batch_size=1"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "eval_AP" in out and "fuse.mode" in out and "best config" in out
-
-    runs = _runs(tmp_path, "sw")
-    assert len(runs) == 2
-    assert not [c for c in runs.columns if c.startswith("metrics.config")]  # knobs are params, not metrics
-    for _, r in runs.iterrows():
-        assert r["params.fuse.mode"] in ("select", "vote")
-        assert 1.0 <= float(r["params.loss.pseudo_dice_weight"]) < 5.0
-        assert r["metrics.eval_AP"] == r["metrics.eval_AP"]  # logged, not NaN
-    assert len(_runs(tmp_path, "sw-train")) == 2  # the trainers' own runs
-
-    sweep_dir = tmp_path / "sweeps" / "sw"
-    results = json.loads((sweep_dir / "results.json").read_text())
-    assert len(results["trials"]) == 2 and all(t["status"] == "done" for t in results["trials"])
-    best = yaml.safe_load((sweep_dir / "best_trial.yaml").read_text())
-    cfg = load_config(TrainConfig, sweep_dir / "best_config.yaml")
-    assert cfg.data.pseudo_annotations == str(sweep_dir / "pmvis_trials" / best["trial_id"] / "pseudo.json")
-    assert cfg.loss.mode == "pmvis" and cfg.loss.pseudo_dice_weight == best["knobs"]["loss.pseudo_dice_weight"]
-    assert best["fuse_config"]["mode"] == best["knobs"]["fuse.mode"]
-
-    # The best config passes `pmvis train`'s checks before Ray (data, pseudo file, split, inference
-    # knobs); training it is what `pmvis train` does with any config (tested in test_training.py).
-    checked, resume = preflight(cfg)
-    assert resume is None and checked.run_name  # a fresh run, not the trial's own
+# A whole two-trial `pmvis sweep` from the command line (ranked table, one MLflow run per trial
+# with its knobs as params, results.json, best_config.yaml passing train's checks) runs as a
+# submitted Ray job: tests/test_cluster.py::test_job_submission_runs_pmvis_on_a_local_head.
 
 
 @pytest.mark.slow
