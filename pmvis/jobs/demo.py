@@ -19,7 +19,7 @@ Every training (the three models and the sweep's trials) starts from the same bo
 pretrained weights: the tiny model pretrained on synthetic stills made into pseudo videos with box
 labels only (`pmvis pretrain`, IDOL's COCO recipe), shipped with the package
 (pmvis/models/weights/); no mask label is seen before the three runs diverge. --pretrain
-regenerates those weights first (the documented pretrain command, ~20 min on 2 cores) instead of
+regenerates those weights first (the documented pretrain command, ~35 min on 2 cores) instead of
 loading them; --no-pretrained trains from scratch.
 """
 

@@ -32,7 +32,7 @@ DEMO_PRETRAIN_VIDEOS = 300  # --synthetic N of the shipped demo weights
 # The tiny preset's pretraining recipe (on top of TrainConfig.tiny): longer than a demo training,
 # every frame of the pseudo clip supervised, lr warm-up and one step near the end.
 TINY_PRETRAIN: dict[str, Any] = {
-    "iterations": 4000, "lr_steps": [3400], "checkpoint_every": 500, "log_every": 50, "print_every": 100,
+    "iterations": 8000, "lr_steps": [6800], "checkpoint_every": 1000, "log_every": 50, "print_every": 100,
     "loss": {"mode": "boxinst", "loss_frames": "all"},
     "data": {"val_fraction": 0.0},
 }
