@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from pmvis.cli import COMMANDS, main
+from pmvis.cli import COMMANDS
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -25,59 +24,10 @@ def test_top_level_help_lists_commands():
         assert command in out.stdout
 
 
-DEMO_TEST_TRIALS = 2
-
-
-@pytest.mark.slow
-def test_demo_tiny(ray_session, tmp_path, capsys):
-    """The whole demo on a tiny set: synth, baselines, box-only training, pseudo masks on Ray Data,
-    fuse/filter, PM-VIS and fully supervised training, comparison, a sweep + compare, report,
-    summary. Two sweep trials (the demo's default is 4): test_sweep covers ranking and ASHA."""
-    import mlflow
-
-    out = tmp_path / "demo"
-    assert main(["demo", "--tiny", "--out", str(out), "--sweep-trials", str(DEMO_TEST_TRIALS)]) == 0
-    text = capsys.readouterr().out
-    assert "box_baseline" in text and "AP50" in text and "mean IoU" in text
-    box = json.loads((out / "metrics_box_baseline.json").read_text())
-    ann = json.loads((out / "metrics_annotation_masks.json").read_text())
-    assert ann["AP"] > box["AP"]  # the noisy annotation masks are closer to the truth than boxes
-    report = json.loads((out / "report/report.json").read_text())
-    # without checkpoints: the weight-free sources and the box-only model, no random-weight HQ-SAM
-    assert set(report["quality"]) == {"grabcut", "track", "boxinst", "fused", "filled box"}
-    assert "HQ-SAM and SAM 2 are skipped: no checkpoints given" in text
-    table = (out / "comparison.md").read_text()
-    for label in ("box-only", "PM-VIS", "fully supervised"):
-        assert label in table
-    comparison = json.loads((out / "comparison.json").read_text())
-    assert set(comparison) == {"box-only", "pmvis", "full"}
-    assert all(0 <= comparison[k]["AP"] <= 100 and "AP50" in comparison[k] for k in comparison)
-    assert (out / "report/quality_by_source.png").stat().st_size > 0
-    assert (out / "train_pseudo.json").exists() and (out / "train_clean.json").exists()
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow/mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["pmvis-pseudo-masks"])
-    assert len(runs) == 1 and "metrics.grabcut.mean_iou" in runs.columns
-    train_runs = mlflow.search_runs(experiment_names=["pmvis-demo-train"])
-    assert len(train_runs) == 3
-    # The closing sweep: the trials of the demo space, one MLflow run each (knobs as params, eval_AP),
-    # compared (CSV + PNG), the best config written, and everything named in the summary.
-    sweep_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep"])
-    assert len(sweep_runs) == DEMO_TEST_TRIALS and "metrics.eval_AP" in sweep_runs.columns
-    assert {"params.fuse.mode", "params.filter.ria_tau", "params.loss.tk_k"} <= set(sweep_runs.columns)
-    trainer_runs = mlflow.search_runs(experiment_names=["pmvis-demo-sweep-train"])
-    assert len(trainer_runs) == DEMO_TEST_TRIALS and set(trainer_runs["status"]) <= {"FINISHED", "KILLED"}  # none left RUNNING
-    results = json.loads((out / "sweeps/pmvis-demo-sweep/results.json").read_text())
-    assert len(results["trials"]) == DEMO_TEST_TRIALS and results["space"].endswith("demo.yaml")
-    assert all(t["status"] == "done" for t in results["trials"]), results["trials"]  # errors name their traceback
-    assert set(sweep_runs["status"]) == {"FINISHED"}
-    assert (out / "sweeps/pmvis-demo-sweep/best_config.yaml").is_file()
-    with open(out / "compare/compare.csv") as f:
-        assert len(f.read().strip().splitlines()) == 1 + DEMO_TEST_TRIALS  # header + one line per run
-    assert (out / "compare/compare.png").stat().st_size > 0
-    summary = (out / "summary.md").read_text()
-    for needle in ("| PM-VIS (pseudo masks) |", "eval_AP", "compare.png", "quality_by_source.png",
-                   "mlflow ui --backend-store-uri sqlite:///", "best config:"):
-        assert needle in summary and needle in text, needle
+# The whole demo (`pmvis demo --tiny`: synth, baselines, box-only training, pseudo masks on Ray
+# Data, fuse/filter, PM-VIS and fully supervised training, comparison, a sweep + compare, report,
+# summary) runs as a submitted Ray job, with every check of its outputs:
+# tests/test_cluster.py::test_job_submission_runs_the_demo_on_a_local_head.
 
 
 def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):

@@ -27,7 +27,6 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from raw_store_for_tests import make_store
 
 from pmvis.platform.errors import PmvisError
 
@@ -159,14 +158,17 @@ def _stop_head(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-# The job is what a user submits to a cluster (README "Running on a cluster"): `pmvis sweep` (a
-# 2-trial Tune sweep; each trial re-fuses the cached pseudo masks and trains in a TorchTrainer),
-# then `pmvis compare` of its MLflow runs — joining the cluster the job was submitted to
-# (RAY_ADDRESS is set for a job driver), from the uploaded working_dir. (`pmvis demo --tiny`, the
-# whole chain, is tested in-process in test_cli.py.)
-JOB_SWEEP = "job-sweep"
-JOB_SWEEP_TRIALS = 2
-JOB_SPACE = "fuse.mode: {choice: [select, vote]}\nloss.pseudo_dice_weight: {uniform: [1.0, 5.0]}\n"
+# The job is what a user submits to a cluster (README "Running on a cluster"): here README command 1,
+# `pmvis demo --tiny` — synthetic data, a box-only training, pseudo masks on Ray Data, fuse/filter,
+# PM-VIS and fully supervised trainings, a 2-trial Tune sweep (each trial re-fuses the cached
+# pseudo masks and trains in a TorchTrainer), `pmvis compare` of its MLflow runs, the report —
+# joining the cluster the job was submitted to (RAY_ADDRESS is set for a job driver), from the
+# uploaded working_dir. One run checks the job plumbing and the whole demo chain: CI pays for one
+# demo and one sweep, not two of each. The demo's default is 4 trials; test_sweep covers ranking
+# and ASHA, and test_sweep's CLI test the `pmvis sweep` flags.
+DEMO_SWEEP = "pmvis-demo-sweep"
+DEMO_TEST_TRIALS = 2
+JOB_DEADLINE_S = 900  # the tiny demo takes ~6 min on 2 quiet cores
 JOB_WORKER_PORTS = (20000, 29999)  # below Linux's ephemeral range (32768+), above Ray's default
 
 
@@ -179,16 +181,63 @@ def _trial_failures(out: Path, logs: str) -> str:
     return "\n".join(lines)
 
 
-def _job_entrypoint(data: Path, raw: Path, space: Path, out: Path, tracking_uri: str) -> str:
+def _job_entrypoint(out: Path) -> str:
     py = shlex.quote(sys.executable)
-    q = lambda p: shlex.quote(str(p))  # noqa: E731
-    sweep = (f"{py} -m pmvis sweep --space {q(space)} --data {q(data)} --raw {q(raw)} "
-             f"--samples {JOB_SWEEP_TRIALS} --seed 0 --name {JOB_SWEEP} --storage {q(out / 'sweeps')} "
-             f"--tracking-uri {q(tracking_uri)} --iterations 4 --preset tiny "
-             "--set checkpoint_every=2 --set log_every=2 --set batch_size=1")
-    compare = f"{py} -m pmvis compare --experiment {JOB_SWEEP} --tracking-uri {q(tracking_uri)} --out {q(out / 'compare')}"
+    demo = f"{py} -m pmvis demo --tiny --out {shlex.quote(str(out))} --sweep-trials {DEMO_TEST_TRIALS}"
     return " && ".join([
-        f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"), sweep, compare])
+        f"{py} -c " + shlex.quote("import pmvis; print('PMVIS_FROM', pmvis.__file__)"), demo])
+
+
+def _check_demo_outputs(out: Path, text: str) -> None:
+    """The demo's files and printed tables: baselines, pseudo-mask report, the three-way comparison
+    (markdown + JSON), every training in MLflow, and the summary naming them."""
+    assert "box_baseline" in text and "AP50" in text and "mean IoU" in text
+    box = json.loads((out / "metrics_box_baseline.json").read_text())
+    ann = json.loads((out / "metrics_annotation_masks.json").read_text())
+    assert ann["AP"] > box["AP"]  # the noisy annotation masks are closer to the truth than boxes
+    report = json.loads((out / "report/report.json").read_text())
+    # without checkpoints: the weight-free sources and the box-only model, no random-weight HQ-SAM
+    assert set(report["quality"]) == {"grabcut", "track", "boxinst", "fused", "filled box"}
+    assert "HQ-SAM and SAM 2 are skipped: no checkpoints given" in text
+    table = (out / "comparison.md").read_text()
+    for label in ("box-only", "PM-VIS", "fully supervised"):
+        assert label in table
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison) == {"box-only", "pmvis", "full"}
+    assert all(0 <= comparison[k]["AP"] <= 100 and "AP50" in comparison[k] for k in comparison)
+    assert (out / "report/quality_by_source.png").stat().st_size > 0
+    assert (out / "train_pseudo.json").exists() and (out / "train_clean.json").exists()
+    summary = (out / "summary.md").read_text()
+    for needle in ("| PM-VIS (pseudo masks) |", "eval_AP", "compare.png", "quality_by_source.png",
+                   "mlflow ui --backend-store-uri sqlite:///", "best config:"):
+        assert needle in summary and needle in text, needle
+
+
+def _check_demo_mlflow(tracking_uri: str, failures: str) -> None:
+    """Every run closed (FINISHED, or KILLED for a sweep trial's training ASHA stopped early); the
+    pseudo-mask run with per-source quality; three demo trainings; one sweep run per trial with its
+    knobs as params (not metrics) and a held-out AP that is a number."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    assert {"pmvis-pseudo-masks", "pmvis-demo-train", DEMO_SWEEP, f"{DEMO_SWEEP}-train"} <= set(experiments)
+    for name, exp_id in experiments.items():
+        allowed = {"FINISHED", "KILLED"} if name == f"{DEMO_SWEEP}-train" else {"FINISHED"}
+        statuses = [r.info.status for r in client.search_runs([exp_id])]
+        assert set(statuses) <= allowed, (name, statuses, failures)
+    pseudo_runs = client.search_runs([experiments["pmvis-pseudo-masks"]])
+    assert len(pseudo_runs) == 1 and "grabcut.mean_iou" in pseudo_runs[0].data.metrics
+    assert len(client.search_runs([experiments["pmvis-demo-train"]])) == 3
+    sweep_runs = client.search_runs([experiments[DEMO_SWEEP]])
+    assert len(sweep_runs) == DEMO_TEST_TRIALS, failures
+    for run in sweep_runs:
+        params = run.data.params
+        assert params["fuse.mode"] in ("select", "vote") and 0.5 <= float(params["filter.ria_tau"]) < 0.9
+        assert 1 <= int(params["loss.tk_k"]) < 10
+        assert run.data.metrics["eval_AP"] == run.data.metrics["eval_AP"]  # logged, not NaN
+        assert not [m for m in run.data.metrics if m.startswith("config")]  # knobs are params, not metrics
+    assert len(client.search_runs([experiments[f"{DEMO_SWEEP}-train"]])) == DEMO_TEST_TRIALS
 
 
 def _check_sweep_outputs(sweep_dir: Path) -> None:
@@ -198,11 +247,12 @@ def _check_sweep_outputs(sweep_dir: Path) -> None:
     from pmvis.platform.training import TrainConfig, preflight
 
     results = json.loads((sweep_dir / "results.json").read_text())
-    assert len(results["trials"]) == JOB_SWEEP_TRIALS and all(t["status"] == "done" for t in results["trials"])
+    assert len(results["trials"]) == DEMO_TEST_TRIALS and results["space"].endswith("demo.yaml")
+    assert all(t["status"] == "done" for t in results["trials"]), results["trials"]
     best = yaml.safe_load((sweep_dir / "best_trial.yaml").read_text())
     cfg = load_config(TrainConfig, sweep_dir / "best_config.yaml")
     assert cfg.data.pseudo_annotations == str(sweep_dir / "pmvis_trials" / best["trial_id"] / "pseudo.json")
-    assert cfg.loss.mode == "pmvis" and cfg.loss.pseudo_dice_weight == best["knobs"]["loss.pseudo_dice_weight"]
+    assert cfg.loss.mode == "pmvis" and cfg.loss.tk and cfg.loss.tk_k == best["knobs"]["loss.tk_k"]
     assert best["fuse_config"]["mode"] == best["knobs"]["fuse.mode"]
     checked, resume = preflight(cfg)
     assert resume is None and checked.run_name  # a fresh run, not the trial's own
@@ -272,8 +322,8 @@ def test_no_local_ray_without_token_auth_unless_asked(monkeypatch, ray_session):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
+@pytest.mark.timeout(JOB_DEADLINE_S + 300)
+def test_job_submission_runs_the_demo_on_a_local_head(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     ray_exe = Path(sys.executable).with_name("ray")
@@ -309,14 +359,6 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
            "--min-worker-port", str(JOB_WORKER_PORTS[0]), "--max-worker-port", str(JOB_WORKER_PORTS[1])]
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "job"
-    # The job's inputs: a dataset and a pseudo-mask store (a cluster would have them on shared
-    # storage), a search-space file, and an MLflow store (a server URI on a real cluster).
-    data, raw = make_store(tmp_path)
-    space = tmp_path / "space.yaml"
-    space.write_text(JOB_SPACE)
-    db = out / "mlflow" / "mlflow.db"
-    db.parent.mkdir(parents=True)
-    tracking_uri = f"sqlite:///{db}"
     headers = {"Authorization": f"Bearer {token}"}
     job_id = None
     client = None
@@ -341,7 +383,7 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         assert refused.value.code in (401, 403)
 
         job = dict(
-            entrypoint=_job_entrypoint(data, raw, space, out, tracking_uri),
+            entrypoint=_job_entrypoint(out),
             runtime_env={
                 "working_dir": str(REPO),
                 "excludes": [".venv", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info",
@@ -357,11 +399,11 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
                 if "No available agent" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + JOB_DEADLINE_S
         status = client.get_job_status(job_id)
         while not status.is_terminal():
             if time.monotonic() > deadline:
-                pytest.fail(f"job {job_id} still {status} after 600 s:\n{client.get_job_logs(job_id)[-4000:]}")
+                pytest.fail(f"job {job_id} still {status} after {JOB_DEADLINE_S} s:\n{client.get_job_logs(job_id)[-4000:]}")
             time.sleep(5)
             status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
@@ -371,42 +413,24 @@ def test_job_submission_runs_pmvis_on_a_local_head(tmp_path):
         where = [ln.split(" ", 1)[1] for ln in logs.splitlines() if ln.startswith("PMVIS_FROM ")]
         assert where and not Path(where[0]).is_relative_to(REPO), where  # the uploaded copy, not REPO
         print(f"job {job_id} {status}; last lines of its log:\n" + "\n".join(logs.splitlines()[-25:]))
-        sweep_dir = out / "sweeps" / JOB_SWEEP
-        for path in (sweep_dir / "results.json", sweep_dir / "best_config.yaml", out / "compare" / "compare.csv",
-                     out / "compare" / "compare.png"):
-            assert path.exists(), f"{path} missing; job log:\n{logs[-3000:]}"
-        assert f"pmvis sweep {JOB_SWEEP}: {JOB_SWEEP_TRIALS} trials" in logs and "best config:" in logs
-        assert "eval_AP" in logs and "fuse.mode" in logs  # the ranked table
+        _check_demo_outputs(out, logs)
+        sweep_dir = out / "sweeps" / DEMO_SWEEP
+        assert f"pmvis sweep {DEMO_SWEEP}: {DEMO_TEST_TRIALS} trials" in logs and "fuse.mode" in logs  # ranked
         _check_sweep_outputs(sweep_dir)
+        with open(out / "compare/compare.csv") as f:
+            assert len(f.read().strip().splitlines()) == 1 + DEMO_TEST_TRIALS  # header + one line per run
+        assert (out / "compare/compare.png").stat().st_size > 0
         # The job's driver used the head it was submitted to, not a Ray of its own.
         assert "Started a local Ray instance" not in logs, logs[-3000:]
         # Workers ran in the installed environment, not through `uv run` in the uploaded copy (with
         # Ray's uv-run hook on, the job's trial workers were started through `uv run`).
         for uv_sign in ("Creating virtual environment", "does not match the project environment path"):
             assert uv_sign not in logs, logs[-3000:]
-        from mlflow.tracking import MlflowClient
-
-        mlflow_client = MlflowClient(tracking_uri=tracking_uri)
         # A trial that failed and was rerun (trial_retries) is fine; say so, and explain a final failure.
         failures = _trial_failures(out, logs)
         if failures:
             print(f"sweep trial failures (retried or final):\n{failures}")
-        experiments = {e.name: e.experiment_id for e in mlflow_client.search_experiments()}
-        assert {JOB_SWEEP, f"{JOB_SWEEP}-train"} <= set(experiments), experiments
-        # Every run closed: FINISHED, or KILLED for the trainings of sweep trials ASHA stopped early.
-        for name, exp_id in experiments.items():
-            allowed = {"FINISHED", "KILLED"} if name == f"{JOB_SWEEP}-train" else {"FINISHED"}
-            statuses = [r.info.status for r in mlflow_client.search_runs([exp_id])]
-            assert set(statuses) <= allowed, (name, statuses, failures)
-        # One run per trial: its knobs as params, its held-out AP as a metric.
-        sweep_runs = mlflow_client.search_runs([experiments[JOB_SWEEP]])
-        assert len(sweep_runs) == JOB_SWEEP_TRIALS, failures
-        for run in sweep_runs:
-            assert run.data.params["fuse.mode"] in ("select", "vote") and "eval_AP" in run.data.metrics
-            assert 1.0 <= float(run.data.params["loss.pseudo_dice_weight"]) < 5.0
-            assert run.data.metrics["eval_AP"] == run.data.metrics["eval_AP"]  # logged, not NaN
-            assert not [m for m in run.data.metrics if m.startswith("config")]  # knobs are params, not metrics
-        assert len(mlflow_client.search_runs([experiments[f"{JOB_SWEEP}-train"]])) == JOB_SWEEP_TRIALS
+        _check_demo_mlflow(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}", failures)
     finally:
         if client is not None and job_id is not None:
             try:

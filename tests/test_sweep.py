@@ -105,7 +105,7 @@ def _runs(tmp_path, experiment):
 
 # A whole two-trial `pmvis sweep` from the command line (ranked table, one MLflow run per trial
 # with its knobs as params, results.json, best_config.yaml passing train's checks) runs as a
-# submitted Ray job: tests/test_cluster.py::test_job_submission_runs_pmvis_on_a_local_head.
+# submitted Ray job: tests/test_cluster.py::test_job_submission_runs_the_demo_on_a_local_head.
 
 
 @pytest.mark.slow
@@ -202,3 +202,45 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch, capsys, args, 
             "--preset", "tiny", "--set", "data.val_fraction=0.34"]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_command_line_builds_its_config_and_prints_the_ranked_result(tmp_path, monkeypatch, capsys):
+    """`pmvis sweep`'s flags reach SweepConfig (the sweep itself runs end to end in the demo job,
+    tests/test_cluster.py, and in the tests above); the result prints as the ranked table with the
+    best config. run_sweep is replaced here, so no Ray starts."""
+    import pmvis.platform.cluster as cluster
+    import pmvis.platform.sweep as sweep
+    from pmvis import cli
+    from pmvis.platform.sweep import SweepResult, TrialRow
+
+    seen = {}
+
+    def fake_run_sweep(cfg, plan=None):
+        seen["cfg"], seen["plan"] = cfg, plan
+        rows = [TrialRow("t_00000", "done", {"fuse.mode": "vote"}, 0.25, 4, str(tmp_path / "a")),
+                TrialRow("t_00001", "done", {"fuse.mode": "select"}, 0.5, 4, str(tmp_path / "b"))]
+        return SweepResult(name=cfg.name, sweep_dir=str(tmp_path), restored=False, max_concurrent=1, rows=rows,
+                           best=rows[1], best_config_path=str(tmp_path / "best_config.yaml"),
+                           best_trial_path=str(tmp_path / "best_trial.yaml"),
+                           results_path=str(tmp_path / "results.json"), tracking_uri=cfg.tracking_uri,
+                           experiment=cfg.name)
+
+    monkeypatch.setattr(cluster, "connect", lambda address="auto": seen.setdefault("address", address))
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    data, raw = make_store(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["sweep", "--space", str(space_file(tmp_path)), "--data", str(data), "--raw", str(raw),
+            "--samples", "2", "--seed", "7", "--name", "cli-sweep", "--storage", str(tmp_path / "s"),
+            "--tracking-uri", uri, "--iterations", "4", "--preset", "tiny", "--search", "optuna",
+            "--scheduler", "fifo", "--trial-retries", "0", "--max-concurrent", "1",
+            "--set", "checkpoint_every=2", "--set", "fuse.mode=vote", "--set", "data.val_fraction=0.34"]
+    assert cli.main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.samples, cfg.seed, cfg.name, cfg.iterations, cfg.preset) == (2, 7, "cli-sweep", 4, "tiny")
+    assert (cfg.search, cfg.scheduler, cfg.trial_retries, cfg.max_concurrent) == ("optuna", "fifo", 0, 1)
+    assert cfg.storage_path == str(tmp_path / "s") and cfg.tracking_uri == uri and seen["address"] == "auto"
+    assert cfg.train_overrides["checkpoint_every"] == 2 and cfg.fuse_overrides == {"mode": "vote"}
+    assert seen["plan"] is not None  # checked before Ray (prepare_sweep), then handed on
+    text = capsys.readouterr().out
+    assert "pmvis sweep cli-sweep: 2 trials" in text and "eval_AP" in text and "fuse.mode" in text
+    assert f"best config: {tmp_path / 'best_config.yaml'}" in text and "t_00001" in text
