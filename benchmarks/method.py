@@ -24,7 +24,6 @@ then prints (and writes OUT/method.json, OUT/method.md):
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, ev in ap.items():
         lines.append(f"| {k} | " + " | ".join("-" if ev.get(n) is None else f"{ev[n]:.1f}"
                                               for n in ("AP", "AP50", "AP75", "AR10")) + " |")
-    lines += ["", f"gap closed = (PM-VIS − box-only) / (full − box-only) = "
+    lines += ["", "gap closed = (PM-VIS − box-only) / (full − box-only) = "
                   + ("n/a (full ≤ box-only)" if closed is None else f"{closed:.2f}"),
               f"TK-Loss: PM-VIS + TK − PM-VIS = {ap['pmvis+tk'].get('AP', 0.0) - ap['pmvis'].get('AP', 0.0):+.1f} AP",
               "", "Pseudo masks against the true masks, and the filters against defects.json:", "",

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import rect, rle
 from pmvis.cli import main
+from pmvis.platform.errors import PmvisError
 from pmvis.platform.evaluation import evaluate_ytvis, mask_quality, spatio_temporal_iou, track_intersections
 from pmvis.platform.ytvis import parse_results, parse_ytvis
 
@@ -237,11 +238,9 @@ def test_pruned_evaluation_equals_exact_evaluation(seed):
     assert fast.metrics == exact.metrics and fast.metrics["AP"] > 0.0
 
 
-def test_track_intersections_count_pixels_even_when_frames_wrap(monkeypatch):
-    """The shifted-canvas walk gives the pixel counts, also when the canvas holds fewer frames
-    than the video (pycocotools' 32-bit counts cap it) so later frames reuse earlier blocks."""
-    import pmvis.platform.evaluation as evaluation
-
+def test_track_intersections_count_pixels_of_same_frame_masks():
+    """The run walk gives the pixel counts per same-frame pair (None frames add nothing), for the
+    data layer's str counts and pycocotools' bytes counts alike."""
     rng = np.random.default_rng(7)
     base = _random_masks(rng, 6)
     dts = [_random_masks(rng, 6, base) for _ in range(5)] + [base]
@@ -253,10 +252,44 @@ def test_track_intersections_count_pixels_even_when_frames_wrap(monkeypatch):
 
     expected = np.array([[sum(int(np.count_nonzero(a & b)) for a, b in zip(d, g) if a is not None and b is not None)
                           for g in gts] for d in dts])
-    for max_pixels in (evaluation._MAX_SHIFTED_PIXELS, 2 * H * W):  # all frames on one canvas / 2 per canvas
-        monkeypatch.setattr(evaluation, "_MAX_SHIFTED_PIXELS", max_pixels)
-        inter, _, _ = track_intersections([as_rles(d) for d in dts], [as_rles(g, as_bytes=True) for g in gts])
-        np.testing.assert_array_equal(inter, expected)  # pycocotools' bytes counts are accepted too
+    inter, dt_area, gt_area = track_intersections([as_rles(d) for d in dts], [as_rles(g, as_bytes=True) for g in gts])
+    np.testing.assert_array_equal(inter, expected)
+    np.testing.assert_array_equal(dt_area, [sum(int(m.sum()) for m in d if m is not None) for d in dts])
+    np.testing.assert_array_equal(gt_area, [sum(int(m.sum()) for m in g if m is not None) for g in gts])
+
+
+def test_rle_kernel_parses_long_runs_and_deltas_as_pycocotools():
+    """720p masks need counts of up to 6 characters and negative deltas; areas and intersections
+    must equal pycocotools' on them."""
+    from pycocotools import mask as mask_utils
+
+    from pmvis.kernels.rle import pair_intersections, parse_counts
+
+    rng = np.random.default_rng(0)
+    h, w = 720, 1280
+    masks = [np.zeros((h, w), np.uint8), np.ones((h, w), np.uint8)]
+    for _ in range(6):
+        m = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(0, h - 50), rng.integers(0, w - 50)
+        m[y:y + int(rng.integers(1, h - y)), x:x + int(rng.integers(1, w - x))] = 1
+        m[rng.random((h, w)) < 0.001] ^= 1
+        masks.append(m)
+    coco = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
+    runs, offsets, areas, totals = parse_counts([c["counts"].decode() for c in coco])
+    assert totals.tolist() == [h * w] * len(masks)
+    np.testing.assert_array_equal(areas, mask_utils.area(coco))
+    idx = np.arange(len(masks))[:, None]
+    pairs = np.stack(np.meshgrid(idx[:, 0], idx[:, 0], indexing="ij"), -1).reshape(-1, 2)
+    inter = pair_intersections(runs, offsets, idx, idx, pairs)
+    expected = [int(np.count_nonzero(masks[i] & masks[j])) for i, j in pairs]
+    np.testing.assert_array_equal(inter, expected)
+
+
+def test_masks_of_one_video_with_different_sizes_are_an_error():
+    small = {"size": [H, W], "counts": rle(SQ)["counts"]}
+    other = {"size": [H + 1, W], "counts": rle(np.zeros((H + 1, W), bool))["counts"]}
+    with pytest.raises(PmvisError, match="differ in size"):
+        track_intersections([[small]], [[other]])
 
 
 def test_iou_upper_bound_holds_and_only_prunes_below_the_lowest_threshold():
@@ -266,7 +299,7 @@ def test_iou_upper_bound_holds_and_only_prunes_below_the_lowest_threshold():
     rng = np.random.default_rng(3)
     gts = [a.segmentations for a in parse_ytvis(gt_dict).annotations]
     dts = [[None if m is None else rle(m) for m in _random_masks(rng, 6)] for _ in range(30)]
-    d, g = _Tracks.build(dts, 6), _Tracks.build(gts, 6)
+    d, g = _Tracks.build_many([dts, gts], 6)
     pairs = np.stack(np.meshgrid(np.arange(len(dts)), np.arange(len(gts)), indexing="ij"), -1).reshape(-1, 2)
     exact = _pair_ious(d, g, pairs, prune=False)
     bound = _iou_upper_bound(d, g, pairs)

@@ -1,4 +1,4 @@
-"""YouTube-VIS evaluation with the official ``ytvoseval`` semantics, vectorised with pycocotools.
+"""YouTube-VIS evaluation with the official ``ytvoseval`` semantics, computed with compiled run walks.
 
 Semantics (youtubevos/cocoapi ``ytvoseval.py``), reproduced exactly:
 
@@ -12,14 +12,13 @@ Semantics (youtubevos/cocoapi ``ytvoseval.py``), reproduced exactly:
   > 256²; unmatched detections outside the range are ignored;
 * accumulation with 101 recall points and maxDets 1/10/100; -1 where a stat is undefined.
 
-Where the official code loops over every detection/ground-truth pair and frame merging RLEs,
-here only pairs that matching can use are computed (same category, detection among the top
-``MAX_DETS[-1]``), and of those only pairs whose IoU upper bound from per-frame areas reaches
-``PRUNE_BELOW`` (the lowest IoU threshold): below it no metric can tell the IoU from 0. Each
-remaining pair-frame is one RLE walk: a ground truth's frames and its detections' frames are
-shifted side by side onto one canvas so one ``pycocotools.mask.iou`` call walks only same-frame
-pairs; intersections are recovered exactly from IoU and the two areas (they are integers),
-unions follow from the per-track area sums. ``mask_quality`` needs every IoU, so it is exact.
+Where the official code loops over every detection/ground-truth pair and frame merging RLEs
+(pycocotools parses both masks on every merge), here each video's masks are parsed once
+(``pmvis.kernels.rle``) and only pairs that matching can use are computed (same category,
+detection among the top ``MAX_DETS[-1]``); of those, only pairs whose IoU upper bound from
+per-frame areas reaches ``PRUNE_BELOW`` (the lowest IoU threshold): below it no metric can tell
+the IoU from 0. A computed pair costs one walk over the two run lists per frame where both have
+a mask. ``mask_quality`` needs every IoU, so it is exact.
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
-from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset, rle_areas
+from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -49,69 +46,51 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10")
 # An IoU below every matching threshold never changes a match (``_match`` starts at the lowest
 # threshold), so ``evaluate_ytvis`` may report such a pair as 0 without computing it.
 PRUNE_BELOW = float(IOU_THRESHOLDS.min())
-# Shifted frames of one ``mask.iou`` call stay below this many pixels: pycocotools decodes each
-# count into a C ``int`` 5 bits at a time, so counts up to 2**29 are exact.
-_MAX_SHIFTED_PIXELS = 1 << 28
-# Cap on one ``mask.iou`` call's (detection masks × ground-truth masks) result matrix.
-_MAX_IOU_CELLS = 1 << 20
-
-
-# Characters of a compressed-RLE count that say "more characters follow" (bit 0x20 set).
-_MORE_CHARS = "".join(map(chr, range(48 + 0x20, 48 + 0x40)))
-
-
-def _shifted(rle: Rle, offset: int, size: list[int]) -> Rle:
-    """``rle`` with ``offset`` background pixels prepended, on a canvas of ``size``.
-
-    Column-major RLE: ``offset = slot·H·W`` moves the mask ``slot·W`` columns right on an
-    ``H × (W·slots)`` canvas. pycocotools stores the first three counts without deltas, so only
-    the first count's characters change (``rleFrString``/``rleToString``). The tail is not
-    padded: two masks shifted to the same slot have equal totals, which is all ``rleIou``'s walk
-    needs; masks in different slots have disjoint boxes, so pycocotools never walks them
-    against each other.
-    """
-    counts = rle["counts"]
-    if isinstance(counts, bytes):  # pycocotools' own form; the data layer's is str
-        counts = counts.decode("ascii")
-    k = len(counts) - len(counts.lstrip(_MORE_CHARS)) + 1  # characters of the first count
-    x = 0
-    for i, ch in enumerate(counts[:k]):
-        x |= ((ord(ch) - 48) & 0x1F) << (5 * i)
-    if (ord(counts[k - 1]) - 48) & 0x10:  # sign bit of the last chunk
-        x -= 1 << (5 * k)
-    x += offset
-    out = []
-    while True:
-        c = x & 0x1F
-        x >>= 5
-        if x or c & 0x10:  # more chunks follow (a set bit 4 would read as a sign otherwise)
-            out.append(c + 0x20 + 48)
-        else:
-            out.append(c + 48)
-            break
-    return {"size": size, "counts": bytes(out).decode("ascii") + counts[k:]}
 
 
 @dataclass
 class _Tracks:
-    """A video's tracks in pycocotools form with per-frame presence and areas (one area call)."""
+    """A video's tracks as indices into masks parsed once per video, with per-frame areas."""
 
-    rles: Sequence[Sequence[Rle | None]]  # compressed RLEs (str counts: pycocotools takes them)
-    present: np.ndarray  # (n, T) bool
+    runs: np.ndarray  # the video's parsed runs (``pmvis.kernels.rle.parse_counts``), shared
+    offsets: np.ndarray
+    masks: np.ndarray  # (n, T) int64: each frame's mask index into ``offsets``, -1 where absent
     areas: np.ndarray  # (n, T) float64, 0 where absent
 
     @classmethod
-    def build(cls, tracks: Sequence[Sequence[Rle | None]], length: int) -> "_Tracks":
-        present = np.array([[r is not None for r in tr] for tr in tracks], dtype=bool).reshape(len(tracks), length)
-        areas = np.zeros(present.shape)
-        flat = [r for tr in tracks for r in tr if r is not None]
-        if flat:
-            areas[present] = rle_areas(flat)  # row-major order == the order of ``flat``
-        return cls(tracks, present, areas)
+    def build_many(cls, track_sets: Sequence[Sequence[Sequence[Rle | None]]], length: int) -> list["_Tracks"]:
+        """Parse every mask of ``track_sets`` (one video's, one frame size) once, in one call."""
+        from pmvis.kernels.rle import parse_counts  # numba: imported where masks are compared
+
+        counts: list[str] = []
+        sizes: set[tuple[int, int]] = set()
+        indices = []
+        for tracks in track_sets:
+            idx = np.full((len(tracks), length), -1, dtype=np.int64)
+            for i, track in enumerate(tracks):
+                for t, r in enumerate(track):
+                    if r is None:
+                        continue
+                    c = r["counts"]
+                    idx[i, t] = len(counts)
+                    counts.append(c.decode("ascii") if isinstance(c, bytes) else c)
+                    sizes.add((int(r["size"][0]), int(r["size"][1])))
+            indices.append(idx)
+        runs, offsets, areas, totals = parse_counts(counts)
+        if len(sizes) > 1 or (sizes and np.any(totals != np.prod(next(iter(sizes))))):
+            from pmvis.platform.errors import PmvisError
+
+            raise PmvisError(f"masks of one video differ in size or do not cover it: sizes {sorted(sizes)}, "
+                             f"run totals {sorted(set(totals.tolist()))[:5]}")
+        out = []
+        for idx in indices:
+            track_areas = np.where(idx >= 0, areas[np.maximum(idx, 0)] if len(areas) else 0, 0).astype(np.float64)
+            out.append(cls(runs, offsets, idx, track_areas))
+        return out
 
     @property
     def length(self) -> int:
-        return self.present.shape[1]
+        return self.masks.shape[1]
 
 
 def _iou_upper_bound(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
@@ -120,10 +99,6 @@ def _iou_upper_bound(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
     Per frame |D∩G| ≤ min(|D|, |G|), and IoU = I / (ΣD + ΣG − I) grows with I, so putting the
     bound in for I bounds the IoU. Bound and IoU are each one correctly rounded division of
     exact integers, so the float bound is never below the float IoU.
-
-    Box overlaps would tighten it, but pycocotools' ``toBbox`` costs more per mask than parsing
-    and walking the mask in ``mask.iou`` (which itself skips frames whose boxes are disjoint),
-    so a box bound was slower overall (benchmarks/README.md, evaluate).
     """
     di, gj = pairs[:, 0], pairs[:, 1]
     inter = np.minimum(d.areas[di], g.areas[gj]).sum(1)
@@ -131,46 +106,13 @@ def _iou_upper_bound(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
 
 
 def _pair_intersections(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
-    """Exact Σ_t |D∩G| of the (detection, ground truth) index ``pairs``.
+    """Exact Σ_t |D∩G| of the (detection, ground truth) index ``pairs`` (one run walk per pair-frame
+    where both have a mask; ``d`` and ``g`` from one ``_Tracks.build_many``)."""
+    from pmvis.kernels.rle import pair_intersections
 
-    Every needed frame is shifted into its own column block of one canvas (``_shifted``), so one
-    ``mask.iou`` call per ground truth walks only same-frame pairs (masks of other frames have
-    disjoint boxes, which pycocotools skips); per-frame intersections are recovered exactly
-    from IoU and the two areas.
-    """
-    inter = np.zeros(len(pairs))
-    sizes = (r["size"] for tr in (*d.rles, *g.rles) for r in tr if r is not None)
-    height, width = next(sizes, (0, 0))
-    if len(pairs) == 0 or height * width == 0:  # nothing present, or no pixels: no intersection
-        return inter
-    owner, frame = np.nonzero(d.areas[pairs[:, 0]] * g.areas[pairs[:, 1]])  # both non-empty
-    if not len(owner):
-        return inter
-    di, gj = pairs[owner, 0], pairs[owner, 1]
-    slots = max(1, min(d.length, _MAX_SHIFTED_PIXELS // (height * width)))
-    canvas, block = [height, width * slots], height * width
-    shifted: dict[tuple[int, int], Rle] = {}  # (detection, frame) -> mask on the canvas
-    iou = np.zeros(len(owner))
-    # One call per ground truth: walks only the pairs asked for (a walk costs as much as a parse).
-    for j in np.unique(gj).tolist():
-        mine = np.flatnonzero(gj == j)
-        g_frames = np.unique(frame[mine])
-        col_of = np.zeros(d.length, dtype=int)
-        col_of[g_frames] = np.arange(len(g_frames))
-        gt_rles = [_shifted(g.rles[j][t], (t % slots) * block, canvas) for t in g_frames.tolist()]
-        for start in range(0, len(mine), max(1, _MAX_IOU_CELLS // len(gt_rles))):
-            chunk = mine[start:start + max(1, _MAX_IOU_CELLS // len(gt_rles))]
-            dt_rles = []
-            for i, t in zip(di[chunk].tolist(), frame[chunk].tolist()):
-                if (i, t) not in shifted:
-                    shifted[(i, t)] = _shifted(d.rles[i][t], (t % slots) * block, canvas)
-                dt_rles.append(shifted[(i, t)])
-            ious = np.asarray(mask_utils.iou(dt_rles, gt_rles, [0] * len(gt_rles))).reshape(len(chunk), -1)
-            iou[chunk] = ious[np.arange(len(chunk)), col_of[frame[chunk]]]
-    # iou = I / (a + b - I)  =>  I = iou (a + b) / (1 + iou), an integer
-    area_sum = d.areas[di, frame] + g.areas[gj, frame]
-    np.add.at(inter, owner, np.rint(iou * area_sum / (1.0 + iou)))
-    return inter
+    if d.runs is not g.runs:
+        raise ValueError("detections and ground truth must come from one _Tracks.build_many call")
+    return pair_intersections(d.runs, d.offsets, d.masks, g.masks, pairs).astype(np.float64)
 
 
 def track_intersections(
@@ -182,7 +124,7 @@ def track_intersections(
     """
     nd, ng = len(dt_tracks), len(gt_tracks)
     length = len(dt_tracks[0]) if nd else (len(gt_tracks[0]) if ng else 0)
-    d, g = _Tracks.build(dt_tracks, length), _Tracks.build(gt_tracks, length)
+    d, g = _Tracks.build_many([dt_tracks, gt_tracks], length)
     pairs = np.stack(np.meshgrid(np.arange(nd), np.arange(ng), indexing="ij"), -1).reshape(-1, 2)
     inter = _pair_intersections(d, g, pairs).reshape(nd, ng)
     return inter, d.areas.sum(1), g.areas.sum(1)
@@ -377,8 +319,7 @@ def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result], *, prune: bool =
         if not gts and not dts:
             continue
         length = gt.videos[vid].length
-        d = _Tracks.build([r.segmentations for r in dts], length)
-        g = _Tracks.build([a.segmentations for a in gts], length)
+        d, g = _Tracks.build_many([[r.segmentations for r in dts], [a.segmentations for a in gts]], length)
         dt_avg = np.array([_average_area(row) for row in d.areas])
         gt_avg = np.array([_average_area(a.areas) for a in gts])
         d_by_cat: dict[int, list[int]] = {}
@@ -478,8 +419,8 @@ def mask_quality(predicted: Sequence[Annotation], reference: YTVISDataset) -> Ma
                 raise PmvisError(f"annotation id={a.id}: {len(a.segmentations)} frames vs "
                                  f"{len(r.segmentations)} in the reference")
         length = len(anns[0].segmentations)
-        pred_tracks = _Tracks.build([a.segmentations for a in anns], length)
-        ref_tracks = _Tracks.build([r.segmentations for r in refs], length)
+        pred_tracks, ref_tracks = _Tracks.build_many(
+            [[a.segmentations for a in anns], [r.segmentations for r in refs]], length)
         same_id = np.repeat(np.arange(len(anns)), 2).reshape(-1, 2)  # exact: low IoUs count here
         inter = _pair_intersections(pred_tracks, ref_tracks, same_id)
         union = pred_tracks.areas.sum(1) + ref_tracks.areas.sum(1) - inter
