@@ -63,10 +63,10 @@ def ray_session():
     pythonpath = os.pathsep.join([tests_dir, str(Path(tests_dir).parent), os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = pythonpath  # also for this process's later subprocesses
     if not ray.is_initialized():
-        # The dashboard (on 127.0.0.1) serves the state API that Train V2's PlacementGroupCleaner
-        # needs to free the placement group of a training whose Tune trial was stopped (ASHA).
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 object_store_memory=300 * 1024**2,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
+        from pmvis.platform.cluster import start_local_ray
+
+        # As pmvis starts a local Ray (loopback only, dashboard for Train V2's placement-group cleanup).
+        start_local_ray(num_cpus=2, object_store_memory=300 * 1024**2,
+                        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
     yield ray
     ray.shutdown()

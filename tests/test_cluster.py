@@ -9,6 +9,7 @@ would kill every Ray process on the machine.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import secrets
@@ -294,19 +295,51 @@ def test_the_test_sessions_ray_requires_the_token_and_has_no_metrics_agent_endpo
     assert get_authentication_mode() == AuthenticationMode.TOKEN
     # With metrics collection on, the metrics agent would serve Prometheus on 0.0.0.0.
     port = ray_session.nodes()[0]["MetricsExportPort"]
-    assert port <= 0 or port not in _listening_tcp_ports()
+    assert port <= 0 or port not in _listening_sockets()
 
 
-def _listening_tcp_ports() -> set[int]:
-    """Ports in LISTEN state on this machine (Linux /proc/net; state 0A is LISTEN; no psutil)."""
-    ports = set()
+def test_a_local_ray_listens_on_loopback_only(ray_session):
+    """The session's Ray is started as pmvis starts a local one (start_local_ray).
+
+    Without it, Ray on Linux gives the node the machine's address: its gRPC servers listen on every
+    interface, and so do the unauthenticated Prometheus endpoints of the dashboard and autoscaler.
+    """
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    node = ray_session.nodes()[0]
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+    gcs_port = int(ray_session.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    ports = {"gcs": gcs_port, "raylet": node["NodeManagerPort"], "object manager": node["ObjectManagerPort"],
+             "dashboard metrics": DASHBOARD_METRIC_PORT, "autoscaler metrics": AUTOSCALER_METRIC_PORT}
+    listening = _listening_sockets()
+    assert gcs_port in listening and node["NodeManagerPort"] in listening
+    for name, port in ports.items():
+        exposed = {a for a in listening.get(port, set()) if not ipaddress.ip_address(a).is_loopback}
+        assert not exposed, f"Ray's {name} port {port} listens on {exposed}"
+
+
+def _listening_sockets() -> dict[int, set[str]]:
+    """Port → addresses in LISTEN state on this machine (Linux /proc/net; state 0A; no psutil).
+
+    An IPv4-mapped IPv6 address is given as its IPv4 address; the wildcard as 0.0.0.0 or ::.
+    """
+    sockets: dict[int, set[str]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if os.path.exists(table):
-            for row in Path(table).read_text().splitlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A":
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A":
+                continue
+            hex_address, hex_port = fields[1].rsplit(":", 1)
+            # /proc/net prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(hex_address[i:i + 8])[::-1] for i in range(0, len(hex_address), 8))
+            address = ipaddress.ip_address(raw)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            sockets.setdefault(int(hex_port, 16), set()).add(str(address))
+    return sockets
 
 
 def test_no_local_ray_without_token_auth_unless_asked(monkeypatch, ray_session):

@@ -23,9 +23,15 @@ UV_RUN_HOOK_ENV = "RAY_ENABLE_UV_RUN_RUNTIME_ENV"
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 ALLOW_NO_AUTH_ENV = "PMVIS_ALLOW_UNAUTHENTICATED_RAY"
 # With metrics collection on, Ray's metrics agent serves Prometheus on 0.0.0.0; pmvis reads none
-# of it, so collection is off unless the user sets the switch. (The dashboard's and autoscaler's
-# own endpoints, 44227 and 44217, start whatever this says: see the README.)
+# of it, so collection is off unless the user sets the switch.
 RAY_METRICS_ENV = "RAY_enable_metrics_collection"
+# A local Ray is one machine's: Ray's single-machine mode (its default on macOS and Windows, this
+# switch off) gives the node the loopback address, so every server it starts (GCS, raylet, object
+# manager, workers, and the unauthenticated Prometheus endpoints of the dashboard and autoscaler)
+# listens on 127.0.0.1 only. On Linux Ray otherwise replaces a loopback node address by the
+# machine's own and listens on every interface. Only for a Ray pmvis starts: a driver joining a
+# cluster needs its node's real address.
+RAY_MULTI_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def use_installed_environment() -> None:
@@ -49,6 +55,19 @@ def check_local_auth() -> None:
             f"as you). Unset {RAY_AUTH_MODE_ENV}, or set {ALLOW_NO_AUTH_ENV}=1 to start it anyway.")
 
 
+def use_loopback_only() -> None:
+    """Make the local Ray this process is about to start listen on 127.0.0.1 only (RAY_MULTI_MACHINE_ENV).
+
+    Ray reads the switch when it is first imported (``ray_constants.ENABLE_RAY_CLUSTER``), and
+    pmvis's job modules import Ray before the command line says whether a local Ray is wanted, so
+    the read value is set too; the environment carries it to the processes Ray starts.
+    """
+    from ray._private import ray_constants
+
+    os.environ[RAY_MULTI_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
     """``auto``: the cluster of RAY_ADDRESS or a running one, else start a local Ray;
     ``local``: always a fresh local Ray; anything else: a Ray address (``ray://…`` or ``host:port``).
@@ -63,23 +82,35 @@ def connect(address: str = "auto", *, num_cpus: int | None = None) -> None:
         check_local_auth()
     if ray.is_initialized():
         return
-    # The dashboard (local only, 127.0.0.1) serves Ray's state API: Train V2 needs it to free the
-    # placement group of a training whose driver was killed (a Tune trial stopped by ASHA);
-    # without it those CPUs stay reserved and later trials wait forever.
-    kwargs: dict = {"include_dashboard": True, "dashboard_host": LOCAL_DASHBOARD_HOST, "log_to_driver": True}
     # Every worker process of this job filters a known transient warning (pmvis.platform.ray_logs).
     job_env = {"runtime_env": job_runtime_env()}
     install_driver_log_filters()
     try:
         if starts_local:
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs,
-                     **job_env)
+            start_local_ray(num_cpus=num_cpus, **job_env)
         elif address == "auto":
             ray.init(address="auto" if not os.environ.get("RAY_ADDRESS") else None, **job_env)
         else:
             ray.init(address=address, **job_env)
     except ConnectionError as e:
         raise PmvisError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+def start_local_ray(*, num_cpus: int | None = None, object_store_memory: int = LOCAL_OBJECT_STORE_BYTES,
+                    runtime_env: dict | None = None, log_to_driver: bool = True) -> None:
+    """Start a fresh one-machine Ray in this process, reachable from this machine only.
+
+    Every server listens on 127.0.0.1 (:func:`use_loopback_only`). The dashboard (127.0.0.1 too)
+    serves Ray's state API: Train V2 needs it to free the placement group of a training whose
+    driver was killed (a Tune trial stopped by ASHA); without it those CPUs stay reserved and later
+    trials wait forever.
+    """
+    import ray
+
+    use_loopback_only()
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=True, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=log_to_driver,
+             runtime_env=runtime_env)
 
 
 def _running_cluster() -> bool:
