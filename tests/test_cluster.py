@@ -234,8 +234,8 @@ def _check_demo_mlflow(tracking_uri: str, failures: str) -> None:
     assert len(sweep_runs) == DEMO_TEST_TRIALS, failures
     for run in sweep_runs:
         params = run.data.params
-        assert params["fuse.mode"] in ("select", "vote") and 0.5 <= float(params["filter.ria_tau"]) < 0.9
-        assert 1 <= int(params["loss.tk_k"]) < 10
+        assert params["fuse.mode"] in ("select", "vote") and 0.1 <= float(params["fuse.source_weights.grabcut"]) < 4
+        assert params["loss.tk"] in ("True", "False") and params["loss.pseudo_quality_weighting"] in ("True", "False")
         assert run.data.metrics["eval_AP"] == run.data.metrics["eval_AP"]  # logged, not NaN
         assert not [m for m in run.data.metrics if m.startswith("config")]  # knobs are params, not metrics
     assert len(client.search_runs([experiments[f"{DEMO_SWEEP}-train"]])) == DEMO_TEST_TRIALS
@@ -253,7 +253,8 @@ def _check_sweep_outputs(sweep_dir: Path) -> None:
     best = yaml.safe_load((sweep_dir / "best_trial.yaml").read_text())
     cfg = load_config(TrainConfig, sweep_dir / "best_config.yaml")
     assert cfg.data.pseudo_annotations == str(sweep_dir / "pmvis_trials" / best["trial_id"] / "pseudo.json")
-    assert cfg.loss.mode == "pmvis" and cfg.loss.tk and cfg.loss.tk_k == best["knobs"]["loss.tk_k"]
+    assert cfg.loss.mode == "pmvis" and cfg.loss.tk == best["knobs"]["loss.tk"]
+    assert cfg.loss.pseudo_quality_weighting == best["knobs"]["loss.pseudo_quality_weighting"]
     assert best["fuse_config"]["mode"] == best["knobs"]["fuse.mode"]
     checked, resume = preflight(cfg)
     assert resume is None and checked.run_name  # a fresh run, not the trial's own
