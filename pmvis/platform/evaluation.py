@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from pmvis.platform.errors import PmvisError
 from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -58,8 +60,10 @@ class _Tracks:
     areas: np.ndarray  # (n, T) float64, 0 where absent
 
     @classmethod
-    def build_many(cls, track_sets: Sequence[Sequence[Sequence[Rle | None]]], length: int) -> list["_Tracks"]:
-        """Parse every mask of ``track_sets`` (one video's, one frame size) once, in one call."""
+    def build_many(cls, track_sets: Sequence[Sequence[Sequence[Rle | None]]], length: int,
+                   where: str = "one video") -> list["_Tracks"]:
+        """Parse every mask of ``track_sets`` (one video's, one frame size) once, in one call;
+        ``where`` names the video in the error when the masks do not share one frame size."""
         from pmvis.kernels.rle import parse_counts  # numba: imported where masks are compared
 
         counts: list[str] = []
@@ -78,9 +82,7 @@ class _Tracks:
             indices.append(idx)
         runs, offsets, areas, totals = parse_counts(counts)
         if len(sizes) > 1 or (sizes and np.any(totals != np.prod(next(iter(sizes))))):
-            from pmvis.platform.errors import PmvisError
-
-            raise PmvisError(f"masks of one video differ in size or do not cover it: sizes {sorted(sizes)}, "
+            raise PmvisError(f"masks of {where} differ in size or do not cover it: sizes {sorted(sizes)}, "
                              f"run totals {sorted(set(totals.tolist()))[:5]}")
         out = []
         for idx in indices:
@@ -319,7 +321,8 @@ def evaluate_ytvis(gt: YTVISDataset, results: Sequence[Result], *, prune: bool =
         if not gts and not dts:
             continue
         length = gt.videos[vid].length
-        d, g = _Tracks.build_many([[r.segmentations for r in dts], [a.segmentations for a in gts]], length)
+        d, g = _Tracks.build_many([[r.segmentations for r in dts], [a.segmentations for a in gts]], length,
+                                  where=f"video id={vid}")
         dt_avg = np.array([_average_area(row) for row in d.areas])
         gt_avg = np.array([_average_area(a.areas) for a in gts])
         d_by_cat: dict[int, list[int]] = {}
@@ -402,8 +405,6 @@ def mask_quality(predicted: Sequence[Annotation], reference: YTVISDataset) -> Ma
     An annotation whose masks are empty on both sides in every frame has no IoU (None) and is
     left out of the mean. Predicted ids missing from the reference are an error.
     """
-    from pmvis.platform.errors import PmvisError
-
     ref_by_id = {a.id: a for a in reference.annotations}
     missing = [a.id for a in predicted if a.id not in ref_by_id]
     if missing:
@@ -420,7 +421,8 @@ def mask_quality(predicted: Sequence[Annotation], reference: YTVISDataset) -> Ma
                                  f"{len(r.segmentations)} in the reference")
         length = len(anns[0].segmentations)
         pred_tracks, ref_tracks = _Tracks.build_many(
-            [[a.segmentations for a in anns], [r.segmentations for r in refs]], length)
+            [[a.segmentations for a in anns], [r.segmentations for r in refs]], length,
+            where=f"video id={anns[0].video_id}")
         same_id = np.repeat(np.arange(len(anns)), 2).reshape(-1, 2)  # exact: low IoUs count here
         inter = _pair_intersections(pred_tracks, ref_tracks, same_id)
         union = pred_tracks.areas.sum(1) + ref_tracks.areas.sum(1) - inter
