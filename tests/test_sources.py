@@ -585,6 +585,19 @@ def test_flow_tracker_follows_a_moving_textured_disc():
     assert _iou(masks[3], masks[0]) < 0.6 and _iou(masks[3], masks[7]) < 0.6
 
 
+def test_flow_tracker_follows_a_disc_that_moves_more_than_its_size_per_frame():
+    frames, masks = _textured_disc_video(T=5, W=240, step=40)  # 37 px disc, 40 px a frame
+    out = _disc_track(frames, masks, key=2)
+    ious = [_iou(m, masks[t]) if m is not None else 0.0 for t, m in enumerate(out.masks)]
+    print("flow + template matching IoU per frame:", np.round(ious, 3).tolist(), "confidence:", out.confidences)
+    assert min(ious) > 0.85, ious
+    assert all(c is not None and c > 0.7 for c in out.confidences), out.confidences
+    # dense flow alone (no template-matching move) loses it after the key frame
+    plain = _disc_track(frames, masks, key=2, flow_search=0)
+    lost = [_iou(m, masks[t]) if m is not None else 0.0 for t, m in enumerate(plain.masks) if t != 2]
+    assert max(lost) < 0.5, lost
+
+
 def test_flow_tracker_gives_low_confidence_where_the_object_is_absent():
     frames, masks = _textured_disc_video(absent=(6, 7))
     out = _disc_track(frames, masks, key=2)
