@@ -6,8 +6,8 @@ held out: 40 training and 20 held-out videos; ``--seed`` changes it), with the d
 1. box-only IDOL-BoxInst (tiny, from the shipped box-pretrained weights unless --no-pretrained);
 2. pseudo masks on Ray Data: GrabCut, the optical-flow tracker seeded with GrabCut, the box-only
    model (``boxinst`` source); DOOB/SCM/SHQM fusion; the RIA and Missing-Data filters;
-3. PM-VIS, PM-VIS + TK-Loss and fully supervised (GT masks), two at a time, each with the same
-   iterations as the box-only model;
+3. PM-VIS, PM-VIS + TK-Loss and fully supervised (GT masks; it trains beside the box-only model),
+   two at a time on one torch thread each, all with the same iterations;
 
 then prints (and writes OUT/method.json, OUT/method.md):
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, filter_config, train_side_by_side
+    from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS, filter_config, train_side_by_side
     from pmvis.models.filters import filter_annotations
     from pmvis.models.fusion import fuse_annotations
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.platform.report import ReportConfig, build_report, format_report
     from pmvis.platform.synthetic import SynthConfig, generate_synthetic
     from pmvis.platform.tracking import default_tracking_uri
-    from pmvis.platform.training import TrainConfig, run_training
+    from pmvis.platform.training import TrainConfig
     from pmvis.platform.ytvis import load_ytvis, save_ytvis
 
     t0 = time.perf_counter()
@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             data={"eval_annotations": "truth.json", "val_fraction": args.held_out / args.videos, **(data or {})},
         )
 
-    t = time.perf_counter()
-    results: dict[str, Any] = {"box-only": run_training(config("box_only", "boxinst", cpus))}
-    timings["box-only training"] = time.perf_counter() - t
+    t = time.perf_counter()  # full needs no pseudo masks: it trains beside box-only
+    results: dict[str, Any] = dict(zip(("box-only", "full"), train_side_by_side([
+        config("box_only", "boxinst", TRAIN_TORCH_THREADS), config("full", "full", TRAIN_TORCH_THREADS)])))
+    timings["box-only and full training"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pm_dir = out / "pseudo_masks"
@@ -113,12 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(data_dir, pm_dir, out / "report", ReportConfig(filter=filter_cfg), tracking_uri=tracking_uri)
 
     t = time.perf_counter()
-    half = max(1, cpus // 2)
     pseudo = {"pseudo_annotations": str(out / "train_pseudo.json")}
     results["pmvis"], results["pmvis+tk"] = train_side_by_side([
-        config("pmvis", "pmvis", half, data=pseudo), config("pmvis_tk", "pmvis", half, loss={"tk": True}, data=pseudo)])
-    results["full"] = run_training(config("full", "full", cpus))
-    timings["PM-VIS, PM-VIS+TK, full training"] = time.perf_counter() - t
+        config("pmvis", "pmvis", TRAIN_TORCH_THREADS, data=pseudo),
+        config("pmvis_tk", "pmvis", TRAIN_TORCH_THREADS, loss={"tk": True}, data=pseudo)])
+    timings["PM-VIS and PM-VIS+TK training"] = time.perf_counter() - t
 
     ap = {k: (r.evaluation or {}) for k, r in results.items()}
     gap = ap["full"].get("AP", 0.0) - ap["box-only"].get("AP", 0.0)

@@ -71,8 +71,12 @@ DEMO_ITERATIONS = 150
 # iterations (held-out AP 12.3 → 3.6 box-only), 1e-4 kept it (12.1; benchmarks/README.md).
 DEMO_FINETUNE_LR = 1e-4
 TINY_ITERATIONS = 6
-# CPUs the demo's one-at-a-time steps spread over (mask-model actors, torch threads of a worker).
+# CPUs the demo's one-at-a-time steps spread over (mask-model actors).
 DEMO_MAX_CPUS = 8
+# Torch threads per training worker. The tiny model's tensors are too small to split: on 2 cores
+# the box-only run made 5.8 it/s on 2 threads, the two runs beside it 7.1-7.9 it/s on 1 each
+# (demo seed 1, 2026-12-06); a lone pretraining run 3.8 it/s on 2 threads, 6.7 on 1.
+TRAIN_TORCH_THREADS = 1
 # The closing sweep: its space, trials and per-trial budget. Each trial gets the PM-VIS model's
 # budget, so its AP compares with the table's PM-VIS row; with 40 iterations at the fine-tuning lr
 # the trials barely left the shared start and tied (seed 0: all four 14.93 AP). ASHA stops the
@@ -137,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     tracking_uri = default_tracking_uri(out / "mlflow")
     # Submitted as a Ray job (RAY_ADDRESS set): use that cluster; otherwise a fresh local Ray.
     connect("auto" if os.environ.get("RAY_ADDRESS") else "local")
-    # The demo's steps run one after another: each may use every CPU of the (small) cluster —
-    # one mask-model actor per CPU, one training worker with all of them as torch threads.
+    # The demo's steps run one after another: the mask sources may use every CPU of the (small)
+    # cluster, one actor per CPU; a training worker uses TRAIN_TORCH_THREADS.
     cpus = max(1, min(int(ray.cluster_resources().get("CPU", 1)), DEMO_MAX_CPUS))
 
     start_weights = _start_weights(args, out, steps)
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         return cfg
 
     steps.start(f"box-only model (IDOL-BoxInst, tiny, {iterations} iterations) on Ray Train")
-    box_only = run_training(train_config("box_only", "boxinst", cpus))
+    box_only = run_training(train_config("box_only", "boxinst", TRAIN_TORCH_THREADS))
 
     options = _source_options(args, sources)
     options["boxinst"] = {"checkpoint": str(Path(box_only.checkpoint) / CHECKPOINT_FILENAME),
@@ -183,10 +187,9 @@ def run(args: argparse.Namespace) -> int:
           f"({len(findings)} entries flagged)")
 
     steps.start(f"PM-VIS and fully supervised models, {iterations} iterations each, side by side")
-    half = max(1, cpus // 2)
     pmvis_run, full_run = train_side_by_side([
-        train_config("pmvis", "pmvis", half, pseudo_annotations=str(out / "train_pseudo.json")),
-        train_config("full", "full", half),
+        train_config("pmvis", "pmvis", TRAIN_TORCH_THREADS, pseudo_annotations=str(out / "train_pseudo.json")),
+        train_config("full", "full", TRAIN_TORCH_THREADS),
     ])
     rows = dict(zip(COMPARISON_KEYS.values(), (box_only, pmvis_run, full_run)))
     table = comparison_table(rows)

@@ -45,10 +45,10 @@ Engines:
   beats the flow's tracking score. Propagation in a direction stops when the score falls below
   ``flow_present_threshold`` (lost). Confidence = tracking score × box agreement (IoU of the
   mask's tight box with the GT box; 1 where the frame has none); a mask is reported where it is ≥
-  the threshold. Measured on the demo's data (seeds 0/1/2, 24 videos) and the method benchmark's
-  (seed 2, 60 videos), flow alone → with template matching: masks on 54–60 % → 69–81 % of the
-  annotated frames, mean IoU with the truth over them 0.36–0.40 → 0.47–0.58; Missing-Data at the
-  default threshold, recall 0.57–0.69 → 0.77–0.87 at precision 0.80–1.00 → 0.87–1.00. An object
+  the threshold. ``benchmarks/track.py`` on the demo's data (seeds 0/1/2, 24 videos) and on 60
+  videos (seed 2), flow alone → with template matching: masks on 54–60 % → 69–81 % of the
+  annotated frames, mean IoU with the truth over them 0.36–0.40 → 0.47–0.58; the demo's
+  Missing-Data filter, recall 0.57–0.69 → 0.77–0.87 at precision 0.83–1.00 → 0.87–1.00. An object
   that vanishes leaves no consistent flow, no match that maps back and no matching colours: the
   Missing-Data filter's signal without checkpoints.
 
