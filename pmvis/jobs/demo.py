@@ -267,12 +267,18 @@ def train_side_by_side(configs: list[Any]) -> list[Any]:
 
     Each Ray Train run spends ~30 s starting processes and importing before its first iteration;
     side by side those start-ups overlap instead of adding up. A failed training's PmvisError is
-    re-raised as itself (its message names the problem), not wrapped in Ray's task error.
+    re-raised as itself (its message names the problem), not wrapped in Ray's task error. The
+    MLflow stores and experiments are made here first: two runs creating a new sqlite store at
+    once race in its schema migration ("duplicate column name").
     """
     import ray
 
-    from pmvis.platform.training import run_training
+    from pmvis.platform.tracking import ensure_experiment
+    from pmvis.platform.training import resolve_config, run_training
 
+    configs = [resolve_config(c) for c in configs]
+    for uri, experiment in dict.fromkeys((c.tracking_uri, c.experiment) for c in configs):
+        ensure_experiment(experiment, uri)
     remote_training = ray.remote(num_cpus=0, max_retries=0)(run_training)
     refs = [remote_training.remote(cfg) for cfg in configs]
     try:
