@@ -17,7 +17,7 @@ then prints (and writes OUT/method.json, OUT/method.md):
   above 0.5 / 0.75; the filled box as reference);
 * RIA ("inaccurate") and Missing-Data ("missing") precision / recall against ``defects.json``.
 
-    uv run python benchmarks/method.py                       # ~40-60 min on 2 cores
+    uv run python benchmarks/method.py                       # ~10 min on 2 quiet cores (7 at 800 iterations)
     uv run python benchmarks/method.py --seed 1 --iterations 600
 """
 

@@ -55,13 +55,18 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
     from pmvis.platform.errors import PmvisError
     from pmvis.platform.training import TrainConfig
 
+    from mlflow.tracking import MlflowClient
+
     missing = tmp_path / "no-such-data"
-    cfg = TrainConfig.tiny(missing, iterations=2, run_name="bad", storage_path=str(tmp_path / "runs"),
-                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig.tiny(missing, iterations=2, run_name="bad", storage_path=str(tmp_path / "runs"), tracking_uri=uri)
     with pytest.raises(PmvisError) as err:
         train_side_by_side([cfg])
     assert not isinstance(err.value, ray_session.exceptions.RayTaskError)  # Ray subclasses the cause
     assert str(missing) in str(err.value) and "Traceback" not in str(err.value)
+    # The store and experiment are made before the runs start: two runs creating a new sqlite store
+    # at once race in its schema migration ("duplicate column name").
+    assert MlflowClient(uri).get_experiment_by_name(cfg.experiment) is not None
 
 
 def test_demo_missing_data_threshold_follows_the_tracker_engine():
