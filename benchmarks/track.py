@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
     from pmvis.models.filters import filter_annotations
-    from pmvis.models.sources.base import build_source
-    from pmvis.models.sources.base import VideoInput
+    from pmvis.models.sources.base import VideoInput, build_source
     from pmvis.models.sources.track import TrackConfig, TrackSource
     from pmvis.platform.config import build_config
+    from pmvis.platform.io import write_json_atomic
     from pmvis.platform.raw_masks import RawTrack
     from pmvis.platform.synthetic import SynthConfig, generate_synthetic
     from pmvis.platform.ytvis import encode_mask, load_dataset_dir, load_ytvis
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(videos)} videos, {len(gt.annotations)} instances; GrabCut seeds in {time.perf_counter() - t:.1f} s; "
           f"{len(defects)} missing frames injected")
 
-    base = {k: v for k, v in TRACK_OPTIONS.items()}
+    base = dict(TRACK_OPTIONS)
     rows: dict[str, dict[str, Any]] = {}
     for label, search in (("flow only (flow_search 0)", 0.0), ("flow + template matching (default)", None)):
         cfg = TrackConfig(**base, **({} if search is None else {"flow_search": search}))
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {r['seconds']:.1f} s | {r['coverage']:.2f} | {r['mean_iou']:.3f} | "
               f"{_fmt(r['iou_where_given'])} | {_fmt(r['md_precision'], 2)} / {_fmt(r['md_recall'], 2)} "
               f"({r['md_found']}) |")
-    (args.out / "track.json").write_text(json.dumps(rows, indent=2))
+    write_json_atomic(args.out / "track.json", rows, indent=2)
     return 0
 
 

@@ -121,8 +121,8 @@ class TrackConfig(SourceConfig):
     flow_appearance_bins: int = Field(
         8, ge=2, le=64, description="flow engine: RGB histogram bins per channel of the appearance check")
     flow_search: float = Field(
-        3.0, ge=0, description="flow engine: before each flow step the mask is moved by its displacement, "
-                               "found by masked template matching within this many object sizes; 0: off "
+        3.0, ge=0, description="flow engine: each step also tries the whole mask moved by masked template "
+                               "matching within this many object sizes, kept when it beats the flow; 0: off "
                                "(DIS alone loses objects that move more than their own size)")
 
 
