@@ -134,3 +134,17 @@ def test_missing_image_is_named_when_read(tmp_path):
     sampler = _sampler(tmp_path)
     with pytest.raises(PmvisError, match=r"video id=7, frame 0\b.*a.png.*missing"):
         sampler.batch(0)
+
+
+def test_the_shipped_start_fits_the_tiny_preset_it_was_trained_with(tmp_path):
+    """The packaged weights load into ``TrainConfig.tiny``'s model. A new ModelConfig knob changes
+    the architecture fingerprint unless it is listed with its old value (checkpoint.LATER_KNOBS):
+    without that, every older checkpoint and the demo's start would be refused."""
+    from pmvis.models.vis.checkpoint import check_compatible, load_model, read_checkpoint
+    from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
+    from pmvis.platform.training import TrainConfig
+
+    path = shipped_weights(TINY_PRETRAINED)
+    check_compatible(read_checkpoint(path), TrainConfig.tiny(tmp_path).model)
+    model, cfg, _ = load_model(path)
+    assert cfg == TrainConfig.tiny(tmp_path).model and sum(p.numel() for p in model.parameters()) > 0

@@ -244,3 +244,20 @@ def test_sweep_command_line_builds_its_config_and_prints_the_ranked_result(tmp_p
     text = capsys.readouterr().out
     assert "pmvis sweep cli-sweep: 2 trials" in text and "eval_AP" in text and "fuse.mode" in text
     assert f"best config: {tmp_path / 'best_config.yaml'}" in text and "t_00001" in text
+
+
+def test_trials_stopped_early_are_marked_and_rank_after_the_full_budget_ones():
+    """An ASHA-stopped trial's AP is from fewer iterations: it is ``stopped``, ranks after every
+    trial that trained the whole budget (even with a higher AP), and a failed one ranks last."""
+    from types import SimpleNamespace
+
+    from pmvis.platform.sweep import collect_rows, format_table
+
+    def result(tid, ap, it, error=None):
+        return SimpleNamespace(metrics={"trial_id": tid, "eval_AP": ap, "iteration": it}, config={"fuse.mode": "vote"},
+                               error=error, path=None)
+
+    rows = collect_rows([result("a", 0.20, 4), result("b", 0.35, 2), result("c", 0.25, 4),
+                         result("d", 0.50, 2, error=RuntimeError("boom"))], ["fuse.mode"], iterations=4)
+    assert [(r.trial_id, r.status) for r in rows] == [("c", "done"), ("a", "done"), ("b", "stopped"), ("d", "error")]
+    assert "stopped" in format_table(rows).splitlines()[3]

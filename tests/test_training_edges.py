@@ -246,3 +246,26 @@ def test_the_final_checkpoint_is_the_newest_complete_one(loop, tmp_path, caplog)
     assert f"the last reported checkpoint {ten} is not complete" in caplog.text
     # a finished run started again without Ray's snapshot: Ray reports no checkpoint at all
     assert _final_checkpoint(str(tmp_path), SimpleNamespace(checkpoint=None)) == str(five)
+
+
+def test_lr_mults_give_named_parameter_groups_their_own_lr(data_dir):
+    from pmvis.models.vis import build_model
+    from pmvis.platform.training import build_optimizer
+
+    cfg = TrainConfig.tiny(data_dir, lr=1e-4, backbone_lr_mult=0.5,
+                           lr_mults={"mask_branch.": 10, "mask_branch.out.": 0, "controller.": 3})
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert opt.param_groups[0]["name"] == "main"  # group 0 stays the main lr (progress lines)
+    assert lrs == pytest.approx({"main": 1e-4, "backbone": 5e-5, "mask_branch": 1e-3, "mask_branch.out": 0.0,
+                                 "controller": 3e-4})
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    named = dict(model.named_parameters())
+    # the longest prefix wins: mask_branch.out.* is in its own group, not in mask_branch's
+    assert id(named["mask_branch.out.weight"]) in groups["mask_branch.out"]
+    assert id(named["mask_branch.out.weight"]) not in groups["mask_branch"]
+    assert id(named["mask_branch.lateral.weight"]) in groups["mask_branch"]
+    assert sum(len(v) for v in groups.values()) == sum(1 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(PmvisError, match="no trainable parameter name starts with"):
+        build_optimizer(model, TrainConfig.tiny(data_dir, lr_mults={"mask_brnch.": 10}))

@@ -576,3 +576,33 @@ def test_overfit_one_clip_box_supervised_beats_the_filled_box(clip):
     print("boxinst overfit IoU (frames × [square, disc]):", ious.tolist(), "filled-box disc IoU:", box_ious)
     assert (ious[:, 1] > torch.tensor(box_ious) + 0.05).all(), (ious, box_ious)
     assert (ious[:, 0] > 0.6).all(), ious  # the square (its filled box is its mask) is found too
+
+
+def test_relative_coordinates_in_pixel_units_and_a_stride_2_mask_head():
+    """``rel_coords_scale``: pixel offsets / scale (IDOL: 1); ``mask_stride`` 2: logits at H/2."""
+    images = normalize_images(torch.randint(0, 256, (1, 3, 64, 96)))
+    base = tiny_model()
+    scaled = tiny_model(rel_coords_scale=8.0)
+    scaled.load_state_dict(base.state_dict())  # the same weights: only the coordinates differ
+    out = scaled(images)
+    q = torch.tensor([4])
+    h, w = out.mask_size
+    xs = torch.arange(w) * 4 + 2
+    ys = torch.arange(h) * 4 + 2
+    cx, cy = out.boxes[0, 0, 4, :2] * torch.tensor([96.0, 64.0])
+    rel = torch.stack((cx - xs[None, :].expand(h, w), cy - ys[:, None].expand(h, w))) / 8.0
+    # the dynamic convs written out with pixel offsets / 8 as the coordinate channels
+    x = torch.cat((out.mask_features[0], rel)).flatten(1)
+    dims = scaled.cfg.dynamic_dims
+    params = out.mask_params[0, 0, 4]
+    n_w = [i * o for i, o in zip(dims[:-1], dims[1:])]
+    ws, bs = params[:sum(n_w)].split(n_w), params[sum(n_w):].split(dims[1:])
+    for k, (wk, bk) in enumerate(zip(ws, bs)):
+        x = wk.view(dims[k + 1], dims[k]) @ x + bk[:, None]
+        x = x.relu() if k < len(ws) - 1 else x
+    torch.testing.assert_close(scaled.mask_logits(out, 0, 0, q)[0], x.view(h, w))
+    assert not torch.allclose(base.mask_logits(base(images), 0, 0, q), scaled.mask_logits(out, 0, 0, q))
+    s2 = tiny_model(mask_stride=2)
+    out2 = s2(images)
+    assert out2.mask_stride == 2 and out2.mask_features.shape[-2:] == (32, 48)
+    assert s2.mask_logits(out2, 1, 0, q).shape == (1, 32, 48)

@@ -425,19 +425,28 @@ def _error_file(result: Any) -> str | None:
     return str(path) if path is not None and path.is_file() else None
 
 
-def collect_rows(grid: Any, knob_paths: list[str]) -> list[TrialRow]:
+STATUS_ORDER = ("done", "stopped", "error")  # how trials rank: full budget, then early-stopped, then failed
+
+
+def collect_rows(grid: Any, knob_paths: list[str], iterations: int) -> list[TrialRow]:
+    """One row per trial: ``done`` (trained its ``iterations``), ``stopped`` (ended early without an
+    error: the scheduler stopped it, its AP is from fewer iterations) or ``error``. Ranked by status
+    first, then AP: an AP after half the budget does not compete with one after the whole budget."""
     rows = []
     for r in grid:
         m = r.metrics or {}
         cfg = r.config or {}
         trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "?")
+        iteration = m.get("iteration")
+        status = "error" if r.error else (
+            "stopped" if isinstance(iteration, int) and iteration < iterations else "done")
         rows.append(TrialRow(
-            trial_id=str(trial_id), status="error" if r.error else "done",
+            trial_id=str(trial_id), status=status,
             knobs={p: cfg.get(p) for p in knob_paths}, ap=_float(m.get(METRIC)),
-            iteration=m.get("iteration"), trial_dir=None,
+            iteration=iteration, trial_dir=None,
             error=None if r.error is None else str(r.error).strip().splitlines()[-1][:300],
             error_file=_error_file(r)))
-    rows.sort(key=lambda row: (row.ap is None, -(row.ap or 0.0)))
+    rows.sort(key=lambda row: (STATUS_ORDER.index(row.status), row.ap is None, -(row.ap or 0.0)))
     return rows
 
 
@@ -466,7 +475,7 @@ def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experime
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status == "done" and r.trial_dir}
+    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status != "error" and r.trial_dir}
     if exp is None or not ended:
         return []
     closed = []
@@ -605,14 +614,17 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
                                                 save_artifact=False)]),
         )
     grid = tuner.fit()
-    rows = collect_rows(grid, list(space.knobs))
+    from pmvis.platform.training import TrainConfig
+
+    budget = int(train_values.get("iterations", TrainConfig.model_fields["iterations"].default))
+    rows = collect_rows(grid, list(space.knobs), budget)
     for row in rows:
         d = sweep_dir / TRIALS_DIRNAME / row.trial_id
         row.trial_dir = str(d) if d.is_dir() else None
     close_stopped_trainer_runs(rows, tracking_uri, f"{cfg.name}-train")
-    # Best among the trials that ended normally (ASHA-stopped ones included); a failed trial's
-    # partial AP does not count (rerun the sweep to resume it).
-    best = next((r for r in rows if r.ap is not None and r.trial_dir and r.status == "done"), None)
+    # Best: the first trial that ended without an error (rows rank full-budget trials before
+    # early-stopped ones); a failed trial's partial AP does not count (rerun the sweep to resume it).
+    best = next((r for r in rows if r.ap is not None and r.trial_dir and r.status != "error"), None)
     best_config = best_trial = None
     if best is not None:
         best_config, best_trial = write_best(sweep_dir, best, ctx)

@@ -120,6 +120,10 @@ class TrainConfig(StrictConfig):
     batch_size: int = Field(4, ge=1)  # clips per worker; global batch = batch_size × num_workers (PM-VIS: 4)
     lr: float = Field(1e-4, gt=0)
     backbone_lr_mult: float = Field(0.1, ge=0)
+    # Parameter-name prefix -> lr multiplier (e.g. {"mask_branch.": 10}): a group at lr × mult, ahead
+    # of the backbone rule (the longest matching prefix wins). Fine-tuning a pretrained detector's mask
+    # head faster than its detector; empty: every non-backbone parameter at lr.
+    lr_mults: dict[str, float] = Field(default_factory=dict)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(0.01, ge=0)  # max L2 norm of all gradients together (IDOL: 0.01); 0 = off
     lr_steps: list[int] = Field(default_factory=lambda: [8000])  # iterations where lr ×= lr_gamma
@@ -210,16 +214,25 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> Any:
-    """AdamW with two groups: the backbone at ``lr × backbone_lr_mult``, the rest at ``lr``."""
+    """AdamW with the backbone at ``lr × backbone_lr_mult``, parameters named by a ``lr_mults``
+    prefix at ``lr × mult`` (longest prefix first) and the rest at ``lr``."""
     import torch
 
-    backbone, rest = [], []
+    rules = sorted(cfg.lr_mults.items(), key=lambda kv: -len(kv[0]))
+    params: dict[str, list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr, "name": "main"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"})
+        if not p.requires_grad:
+            continue
+        prefix = next((k for k, _ in rules if name.startswith(k)), None)
+        group = prefix if prefix is not None else ("backbone" if name.startswith("backbone.") else "main")
+        params.setdefault(group, []).append(p)
+    unused = [k for k, _ in rules if k not in params]
+    if unused:  # a typo would silently train at the main lr
+        raise PmvisError(f"lr_mults: no trainable parameter name starts with {unused}")
+    mults = {"main": 1.0, "backbone": cfg.backbone_lr_mult, **cfg.lr_mults}
+    # named after the prefix without its dot: the metric lr_mask_branch
+    groups = [{"params": ps, "lr": cfg.lr * mults[g], "name": g.rstrip(".")} for g, ps in params.items()]
+    groups.sort(key=lambda g: g["name"] != "main")  # group 0 is the main lr (progress lines, schedules)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

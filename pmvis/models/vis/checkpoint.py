@@ -24,9 +24,19 @@ CHECKPOINT_FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
+# Architecture knobs added after checkpoints were first written, with the value every older
+# checkpoint was trained with: left out of the fingerprint while at that value, so an older
+# checkpoint (the shipped tiny start included) still fits a config that does not set them.
+LATER_KNOBS: dict[str, Any] = {"rel_coords_scale": None}
+
+
 def config_fingerprint(cfg: ModelConfig) -> str:
     """A short hash of every architecture knob; two configs with the same hash share weights."""
-    text = json.dumps(cfg.model_dump(mode="json", exclude={"backbone_weights"}), sort_keys=True)
+    values = cfg.model_dump(mode="json", exclude={"backbone_weights"})
+    for key, old in LATER_KNOBS.items():
+        if values.get(key) == old:
+            values.pop(key)
+    text = json.dumps(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

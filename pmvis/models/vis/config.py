@@ -37,13 +37,17 @@ class ModelConfig(StrictConfig):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm_groups: int = 32  # GroupNorm groups of the input projections and the mask branch
     # --- CondInst dynamic mask head
-    mask_stride: Literal[4] = 4  # mask features / logits at H/4 × W/4 (stride-4 backbone feature)
+    mask_stride: Literal[2, 4] = 4  # mask features / logits at H/s × W/s (the stride-s backbone feature)
     mask_branch_channels: int = 128
     mask_branch_convs: int = 2
     mask_channels: int = 8  # mask feature channels fed to the dynamic convs (IDOL: hidden/32)
     dynamic_channels: int = 8
     dynamic_layers: int = 3
     rel_coords: bool = True
+    # Pixels per unit of the relative coordinates; None: the image's width/height (pmvis's first
+    # normalisation, offsets of a 16 px object span ±0.05 on a 160 px frame). IDOL passes raw pixel
+    # offsets (1.0); CondInst divides by the level's size of interest (64 at P3).
+    rel_coords_scale: float | None = Field(None, gt=0)
     # --- heads
     embed_dim: int = 256  # contrastive tracking embedding
     num_classes: int = Field(40, ge=1)

@@ -153,7 +153,8 @@ class IDOL(nn.Module):
         params = output.mask_params[layer, batch_idx, query_idx]
         centres = output.boxes[layer, batch_idx, query_idx, :2].detach() if self.cfg.rel_coords else None
         return dynamic_mask_logits(output.mask_features, params, centres, batch_idx, dims=self.cfg.dynamic_dims,
-                                   stride=output.mask_stride, image_sizes=output.image_sizes[batch_idx])
+                                   stride=output.mask_stride, image_sizes=output.image_sizes[batch_idx],
+                                   coord_scale=self.cfg.rel_coords_scale)
 
 
 def build_model(cfg: ModelConfig) -> IDOL:

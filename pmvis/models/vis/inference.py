@@ -315,15 +315,27 @@ def prepare_images(frames: np.ndarray, size: tuple[int, int], padded: tuple[int,
     return images, mask
 
 
+def upsample_aligned(logits: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(N, 1, h, w)`` → ``(N, 1, h·s, w·s)`` with cell (i, j) at pixel (i·s + s//2, j·s + s//2):
+    the pixel its training target was sampled at (:func:`~pmvis.models.vis.targets.mask_targets`,
+    AdelaiDet's sampling). A plain ×s bilinear upsampling (``align_corners=False``) puts the cell half
+    a pixel up-left of that pixel; CondInst aligns the same way (``aligned_bilinear``)."""
+    h, w = logits.shape[-2:]
+    x = F.pad(logits, (0, 1, 0, 1), mode="replicate")  # the last cell's right/bottom neighbour
+    x = F.interpolate(x, size=(h * stride + 1, w * stride + 1), mode="bilinear", align_corners=True)
+    x = F.pad(x, (stride // 2, 0, stride // 2, 0), mode="replicate")  # cell (0, 0) → pixel (s//2, s//2)
+    return x[..., : h * stride, : w * stride]
+
+
 def masks_to_frame(logits: torch.Tensor, stride: int, size: tuple[int, int],
                    original: tuple[int, int]) -> torch.Tensor:
     """Stride-``stride`` mask logits ``(N, hp/s, wp/s)`` of the padded canvas → binary masks
-    ``(N, H, W)`` of the original frame: upsample ×stride, crop the padding (``size`` = the resized
-    input), resize to ``original``, logit > 0."""
+    ``(N, H, W)`` of the original frame: upsample ×stride aligned with the training targets
+    (:func:`upsample_aligned`), crop the padding (``size`` = the resized input), resize to
+    ``original``, logit > 0."""
     if logits.shape[0] == 0:
         return torch.zeros(0, *original, dtype=torch.bool, device=logits.device)
-    x = logits[:, None].float()
-    x = F.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
+    x = upsample_aligned(logits[:, None].float(), stride)
     x = x[:, :, : size[0], : size[1]]
     if tuple(size) != tuple(original):
         x = F.interpolate(x, size=original, mode="bilinear", align_corners=False)

@@ -80,6 +80,7 @@ def dynamic_mask_logits(
     dims: list[int],
     stride: int,
     image_sizes: torch.Tensor,
+    coord_scale: float | None = None,
 ) -> torch.Tensor:
     """Evaluate the dynamic convs of N selected queries → ``(N, h, w)`` mask logits.
 
@@ -87,7 +88,8 @@ def dynamic_mask_logits(
     normalised by the query's image size, or None without relative coordinates; ``batch_idx``
     ``(N,)`` the image of each query; ``image_sizes`` ``(N, 2)`` (h_img, w_img) of each query's
     image (its valid, unpadded size). Relative coordinate of a pixel: centre − pixel centre /
-    (w_img, h_img).
+    (w_img, h_img); with ``coord_scale``: (centre·(w_img, h_img) − pixel centre) / coord_scale,
+    i.e. pixel offsets in units of ``coord_scale`` pixels (IDOL: 1).
     """
     n = params.shape[0]
     _, _, h, w = mask_features.shape
@@ -95,7 +97,10 @@ def dynamic_mask_logits(
     if centres is not None:
         loc = pixel_locations(h, w, stride, device=x.device, dtype=x.dtype).flatten(1)  # (2, h·w) pixels
         size_xy = image_sizes.to(device=x.device, dtype=x.dtype).reshape(n, 2).flip(-1)  # (N, 2) (w, h)
-        rel = centres.to(x.dtype)[:, :, None] - loc[None] / size_xy[:, :, None]
+        if coord_scale is None:
+            rel = centres.to(x.dtype)[:, :, None] - loc[None] / size_xy[:, :, None]
+        else:
+            rel = ((centres.to(x.dtype) * size_xy)[:, :, None] - loc[None]) / coord_scale
         x = torch.cat((x, rel), 1)
     layers = split_params(params, dims)
     for k, (weight, bias) in enumerate(layers):
