@@ -359,7 +359,8 @@ def _summary(out: Path, table: str, sweep: Any, comparison: Any, report: dict, t
              "several points between neighbouring checkpoints of one run, see benchmarks/README.md):", "",
              table, ""]
     if sweep is not None:
-        lines += [f"Sweep {sweep.name}: {len(sweep.rows)} trials (eval_AP, best first):", "",
+        lines += [f"Sweep {sweep.name}: {len(sweep.rows)} trials (best first by eval_AP; trials ASHA stopped "
+                  "early, status 'stopped', rank after those that trained the whole budget):", "",
                   _sweep_table(sweep), ""]
         failed = [r.failure_line() for r in sweep.rows if r.error]
         lines += failed + ([""] if failed else [])

@@ -28,7 +28,8 @@ Resume: the sweep lives in ``STORAGE/NAME``; running the same name again restore
 ones run again and their training resumes from its last checkpoint (same trial directory, same
 Train run name).
 
-Results: ``SWEEP/results.json`` (every trial: id, status, knobs, AP, directory), ``best_config.yaml``
+Results: ``SWEEP/results.json`` (every trial: id, status — done, stopped early by the scheduler, or
+error — knobs, AP, directory; full-budget trials rank first), ``best_config.yaml``
 (the best trial's full TrainConfig — its clean/pseudo annotation files — that
 ``pmvis train --config`` accepts; the knobs are in a header comment) and ``best_trial.yaml``
 (trial id, AP, knobs, the effective FuseConfig / FilterConfig).
