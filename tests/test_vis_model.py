@@ -517,6 +517,24 @@ def test_target_helpers():
     assert valid[0, :, 0].tolist() == [True] * 9 + [False] * 7  # sampled rows 2, 6, …, 34 valid
 
 
+
+def test_area_mask_targets_are_the_covered_share_of_the_window_around_the_sampled_pixel():
+    m = torch.zeros(1, 16, 16, dtype=torch.bool)
+    m[0, 4:12, 6:10] = True
+    point, area = mask_targets(m, 4), mask_targets(m, 4, "area")
+    assert point.shape == area.shape == (1, 4, 4)
+    # cell (1, 1) is centred on pixel (6, 6): its window spans pixels 4..8 (the edge ones count half)
+    # — every row inside the mask, columns 6, 7 and half of 8: 2.5 of 4
+    assert float(area[0, 1, 1]) == pytest.approx(0.625)
+    assert float(point[0, 1, 2]) == 0.0 and float(area[0, 1, 2]) == pytest.approx(0.375)  # boundary inside the cell
+    full = torch.ones(1, 16, 16, dtype=torch.bool)
+    torch.testing.assert_close(mask_targets(full, 4, "area")[0, :3, :3], torch.ones(3, 3))  # inside: 1
+    # the last window reaches half a pixel past the canvas, which counts as background: (3.5 / 4)²
+    assert float(mask_targets(full, 4, "area")[0, 3, 3]) == pytest.approx((3.5 / 4) ** 2)
+    assert mask_targets(m, 2, "area").shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="'point' or 'area'"):
+        mask_targets(m, 4, "nearest")
+
 # ------------------------------------------------------------------ overfit smoke checks
 
 

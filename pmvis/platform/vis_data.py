@@ -84,6 +84,10 @@ class DataConfig(StrictConfig):
     max_size: int | None = Field(768, ge=32)  # cap on the long side after resizing (IDOL YTVIS: 768)
     size_divisibility: int = Field(32, ge=4)  # padded canvas multiple (a multiple of the mask stride)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # How GT / pseudo masks become stride-s mask targets (pmvis.models.vis.targets.mask_targets):
+    # "point" samples one pixel per cell (CondInst), "area" is the covered share of the cell's window
+    # (soft, keeps sub-cell boundaries: what small objects at stride 4 need).
+    mask_targets: Literal["point", "area"] = "point"
     # Held-out videos for the end-of-training evaluation: an explicit list, else a fraction of the
     # training file's videos drawn with split_seed (at least one video when the fraction is > 0).
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -557,7 +561,7 @@ class ClipSampler:
                         present.append(m is not None)
                         if m is not None:
                             full[k, :h, :w] = torch.from_numpy(m.astype(bool))
-                    return mask_targets(full, s), present
+                    return mask_targets(full, s, self.cfg.mask_targets), present
 
                 gt = None
                 if f.gt is not None:

@@ -92,9 +92,26 @@ def valid_masks(padding_mask: torch.Tensor, stride: int, bottom_pixels: int) -> 
     return _sample(valid, stride)
 
 
-def mask_targets(masks: torch.Tensor, stride: int) -> torch.Tensor:
-    """Full-resolution masks ``(n, H, W)`` → float ``(n, H/s, W/s)`` targets (sampled, as CondInst)."""
-    return _sample(masks, stride).to(torch.float32)
+def mask_targets(masks: torch.Tensor, stride: int, sampling: str = "point") -> torch.Tensor:
+    """Full-resolution masks ``(n, H, W)`` → float ``(n, H/s, W/s)`` targets for stride-s logits.
+
+    ``point`` (CondInst/AdelaiDet): the pixel (i·s + s//2, j·s + s//2), 0 or 1. ``area``: the
+    share of the s×s window centred on that pixel's centre that the mask covers (in [0, 1]; the
+    window's edge pixels count half) — a soft target that keeps where the boundary falls inside a
+    cell, which a point sample loses. Both put cell (i, j) at the same place, so predictions are
+    upsampled the same way (:func:`~pmvis.models.vis.inference.upsample_aligned`). Measured on the
+    synthetic data (16–40 px objects, s = 4): the true masks through point targets and back have
+    mean IoU 0.74 with themselves, through area targets 0.81 (benchmarks/README.md).
+    """
+    if sampling == "point":
+        return _sample(masks, stride).to(torch.float32)
+    if sampling != "area":
+        raise ValueError(f"mask target sampling must be 'point' or 'area', got {sampling!r}")
+    k = torch.ones(stride + 1, dtype=torch.float32, device=masks.device)
+    k[0] = k[-1] = 0.5
+    k = k / stride
+    x = F.pad(masks.to(torch.float32)[:, None], (0, 1, 0, 1))  # past the canvas: background
+    return F.conv2d(x, (k[:, None] * k[None, :])[None, None], stride=stride)[:, 0]
 
 
 def valid_sizes(padding_mask: torch.Tensor) -> torch.Tensor:
