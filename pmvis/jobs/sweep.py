@@ -11,7 +11,8 @@ checkpoint to Tune (ASHA stops weak trials early). Trials run as many at once as
 Each trial is one MLflow run in experiment NAME (params: the sampled knobs; metrics: eval_AP and
 the losses); the trainer's own runs go to NAME-train. Everything lives in STORAGE/NAME; running
 the same --name again resumes the sweep (finished trials kept, unfinished and failed ones rerun and
-resume their training). At the end a table of the trials (best first) is printed and the best
+resume their training). At the end a table of the trials is printed, best first: those that trained
+the whole budget, then those the scheduler stopped early (status `stopped`), then failed ones; the best
 trial's TrainConfig is written to STORAGE/NAME/best_config.yaml (usable with
 `pmvis train --config`), its knobs and fuse/filter configs to best_trial.yaml.
 """
