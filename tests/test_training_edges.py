@@ -224,6 +224,8 @@ def test_temporary_checkpoints_of_dead_workers_are_removed(tmp_path):
     ("run_name=''", "run_name must be a plain directory name"),
     ("data.split_seed=-1", "data.split_seed: Input should be greater than or equal to 0"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("lr_mults={mask_branch.: -1}", "lr_mults needs non-empty parameter-name prefixes and finite multipliers"),
+    ("lr_mults={mask_branch.: .inf}", "lr_mults"),
 ])
 def test_bad_knobs_are_config_errors(data_dir, override, where):
     from pmvis.jobs.train import build_train_config

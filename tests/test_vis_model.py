@@ -152,6 +152,11 @@ def test_dynamic_convs_by_hand():
     cx, cy = out.boxes[0, 0, q, :2]
     rel = torch.stack((cx - xs[None, :].expand(h, w), cy - ys[:, None].expand(h, w)))
     x = torch.cat((out.mask_features[0], rel)).flatten(1)
+    torch.testing.assert_close(logits, _dynamic_convs_by_hand(params, dims, x).view(h, w))
+
+
+def _dynamic_convs_by_hand(params: torch.Tensor, dims: list[int], x: torch.Tensor) -> torch.Tensor:
+    """1×1 convs written out from one query's flat parameters (weights first, then biases)."""
     n_w = [i * o for i, o in zip(dims[:-1], dims[1:])]
     ws = params[:sum(n_w)].split(n_w)
     bs = params[sum(n_w):].split(dims[1:])
@@ -159,7 +164,7 @@ def test_dynamic_convs_by_hand():
         x = wk.view(dims[k + 1], dims[k]) @ x + bk[:, None]
         if k < len(ws) - 1:
             x = x.relu()
-    torch.testing.assert_close(logits, x.view(h, w))
+    return x
 
 
 # ------------------------------------------------------------------ deformable attention
@@ -517,7 +522,6 @@ def test_target_helpers():
     assert valid[0, :, 0].tolist() == [True] * 9 + [False] * 7  # sampled rows 2, 6, …, 34 valid
 
 
-
 def test_area_mask_targets_are_the_covered_share_of_the_window_around_the_sampled_pixel():
     m = torch.zeros(1, 16, 16, dtype=torch.bool)
     m[0, 4:12, 6:10] = True
@@ -534,6 +538,7 @@ def test_area_mask_targets_are_the_covered_share_of_the_window_around_the_sample
     assert mask_targets(m, 2, "area").shape == (1, 8, 8)
     with pytest.raises(ValueError, match="'point' or 'area'"):
         mask_targets(m, 4, "nearest")
+
 
 # ------------------------------------------------------------------ overfit smoke checks
 
@@ -611,14 +616,8 @@ def test_relative_coordinates_in_pixel_units_and_a_stride_2_mask_head():
     rel = torch.stack((cx - xs[None, :].expand(h, w), cy - ys[:, None].expand(h, w))) / 8.0
     # the dynamic convs written out with pixel offsets / 8 as the coordinate channels
     x = torch.cat((out.mask_features[0], rel)).flatten(1)
-    dims = scaled.cfg.dynamic_dims
-    params = out.mask_params[0, 0, 4]
-    n_w = [i * o for i, o in zip(dims[:-1], dims[1:])]
-    ws, bs = params[:sum(n_w)].split(n_w), params[sum(n_w):].split(dims[1:])
-    for k, (wk, bk) in enumerate(zip(ws, bs)):
-        x = wk.view(dims[k + 1], dims[k]) @ x + bk[:, None]
-        x = x.relu() if k < len(ws) - 1 else x
-    torch.testing.assert_close(scaled.mask_logits(out, 0, 0, q)[0], x.view(h, w))
+    by_hand = _dynamic_convs_by_hand(out.mask_params[0, 0, 4], scaled.cfg.dynamic_dims, x)
+    torch.testing.assert_close(scaled.mask_logits(out, 0, 0, q)[0], by_hand.view(h, w))
     assert not torch.allclose(base.mask_logits(base(images), 0, 0, q), scaled.mask_logits(out, 0, 0, q))
     s2 = tiny_model(mask_stride=2)
     out2 = s2(images)

@@ -583,6 +583,7 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
 
     from pmvis.platform.io import write_json_atomic
     from pmvis.platform.tracking import ensure_experiment
+    from pmvis.platform.training import TrainConfig
 
     if plan is None:
         plan = prepare_sweep(cfg)
@@ -615,8 +616,6 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
                                                 save_artifact=False)]),
         )
     grid = tuner.fit()
-    from pmvis.platform.training import TrainConfig
-
     budget = int(train_values.get("iterations", TrainConfig.model_fields["iterations"].default))
     rows = collect_rows(grid, list(space.knobs), budget)
     for row in rows:

@@ -150,6 +150,14 @@ class TrainConfig(StrictConfig):
     inference: dict[str, Any] = Field(default_factory=dict)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
+    @field_validator("lr_mults")
+    @classmethod
+    def _check_lr_mults(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: m for k, m in v.items() if not k or not math.isfinite(m) or m < 0}
+        if bad:
+            raise ValueError(f"lr_mults needs non-empty parameter-name prefixes and finite multipliers ≥ 0, got {bad}")
+        return v
+
     @field_validator("run_name")
     @classmethod
     def _check_name(cls, v: str | None) -> str | None:
