@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmvis.platform.evaluation import (  # noqa: E402
     AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, METRIC_NAMES, RECALL_THRESHOLDS, evaluate_ytvis,
 )
-from pmvis.platform.ytvis import encode_mask, parse_results, parse_ytvis  # noqa: E402
+from pmvis.core.masks import encode_mask  # noqa: E402
+from pmvis.platform.data.ytvis import parse_results, parse_ytvis
 
 N_CATEGORIES = 40
 

@@ -54,20 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS, filter_config, train_side_by_side
-    from pmvis.models.filters import filter_annotations
-    from pmvis.models.fusion import fuse_annotations
+    from pmvis.platform.pseudo.filters import filter_annotations
+    from pmvis.platform.pseudo.fuse import fuse_annotations
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
     from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
     from pmvis.platform.cluster import connect
-    from pmvis.platform.config import build_config
-    from pmvis.platform.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
-    from pmvis.platform.raw_masks import read_raw
+    from pmvis.core.config import build_config
+    from pmvis.core.io import write_json_atomic, write_text_atomic
+    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.pseudo.store import read_raw
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.tracking import default_tracking_uri
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.training import TrainConfig
-    from pmvis.platform.ytvis import load_ytvis, save_ytvis
+    from pmvis.platform.data.ytvis import load_ytvis, save_ytvis
 
     t0 = time.perf_counter()
     out = args.out.resolve()

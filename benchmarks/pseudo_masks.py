@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmvis.models.sources.base import VideoInput  # noqa: E402
-from pmvis.platform.synthetic import SynthConfig, render_video  # noqa: E402
+from pmvis.platform.data.synthetic import SynthConfig, render_video  # noqa: E402
 
 # ----------------------------------------------------------------------------- data
 
@@ -202,10 +202,10 @@ def run_pipeline(*, videos: int, frames: int, size: tuple[int, int], actor_count
 
     from pmvis.models.sources.hqsam import HQSamConfig, build_hqsam_model  # noqa: F811
     from pmvis.platform.cluster import connect
-    from pmvis.platform.config import build_config
-    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.ytvis import load_dataset_dir
+    from pmvis.core.config import build_config
+    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.ytvis import load_dataset_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-"))
     generate_synthetic(tmp / "data", SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1],

@@ -35,14 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
-    from pmvis.models.filters import filter_annotations
+    from pmvis.platform.pseudo.filters import filter_annotations
     from pmvis.models.sources.base import VideoInput, build_source
     from pmvis.models.sources.track import TrackConfig, TrackSource
-    from pmvis.platform.config import build_config
-    from pmvis.platform.io import write_json_atomic
-    from pmvis.platform.raw_masks import RawTrack
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.ytvis import encode_mask, load_dataset_dir, load_ytvis
+    from pmvis.core.config import build_config
+    from pmvis.core.io import write_json_atomic
+    from pmvis.platform.pseudo.store import RawTrack
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.core.masks import encode_mask
+    from pmvis.platform.data.ytvis import load_dataset_dir, load_ytvis
 
     data = args.out / "data"
     shutil.rmtree(data, ignore_errors=True)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def _iou(a: Any, b: Any) -> float:
     from pycocotools import mask as mask_utils
 
-    from pmvis.platform.ytvis import to_coco_rles
+    from pmvis.core.masks import to_coco_rles
 
     return float(mask_utils.iou(to_coco_rles([a]), to_coco_rles([b]), [0])[0][0])
 

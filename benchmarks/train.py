@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
     from pmvis.platform.training import TrainConfig, run_training
 
     tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-train-"))

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from pmvis.platform.cluster import use_installed_environment
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 # command name -> module under pmvis.jobs (imported lazily: `pmvis --help` must not import Ray/torch)
 COMMANDS: dict[str, str] = {

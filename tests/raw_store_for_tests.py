@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmvis.platform.raw_masks import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import decode_mask, encode_mask, load_ytvis
+from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.platform.data.ytvis import load_ytvis
 
 
 def make_store(tmp_path: Path) -> tuple[Path, Path]:

@@ -90,7 +90,7 @@ class _FailOn:
             import signal
             import uuid
 
-            from pmvis.platform.errors import PmvisError
+            from pmvis.core.errors import PmvisError
 
             if self.cfg.attempts_dir:
                 (Path(self.cfg.attempts_dir) / uuid.uuid4().hex).touch()

@@ -13,13 +13,18 @@ import numpy as np
 import pytest
 
 from conftest import rect, rle
-from pmvis.platform.coco import coco_to_ytvis
-from pmvis.platform.config import StrictConfig, load_config, parse_yaml_mapping
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import write_json_atomic, write_text_atomic
-from pmvis.platform.raw_masks import RawTrack, read_raw, rows_from_tracks, stored_sources, write_video_rows
-from pmvis.platform.ytvis import (
-    MAX_IMAGE_SIDE_PX, check_output_for_dataset, load_dataset_dir, load_results, load_ytvis, parse_results,
+from pmvis.platform.data.coco import coco_to_ytvis
+from pmvis.core.config import StrictConfig, load_config, parse_yaml_mapping
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import write_json_atomic, write_text_atomic
+from pmvis.platform.pseudo.store import RawTrack, read_raw, rows_from_tracks, stored_sources, write_video_rows
+from pmvis.platform.data.ytvis import (
+    MAX_IMAGE_SIDE_PX,
+    check_output_for_dataset,
+    load_dataset_dir,
+    load_results,
+    load_ytvis,
+    parse_results,
     parse_ytvis,
 )
 
@@ -254,8 +259,8 @@ def test_out_may_not_overwrite_dataset_files_or_be_unwritable(tiny_ytvis, tmp_pa
 def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_path):
     from pmvis.jobs.predict import parse_overrides
     from pmvis.jobs.pseudo_masks import parse_options
-    from pmvis.platform.pseudo_masks import _read_manifest
-    from pmvis.platform.synthetic import write_coco_stills
+    from pmvis.platform.pseudo.generate import _read_manifest
+    from pmvis.platform.data.synthetic import write_coco_stills
 
     with pytest.raises(PmvisError, match=r"--set .*aliases"):
         parse_overrides(["a=[&x 1, *x]"])
@@ -270,7 +275,7 @@ def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_pa
 
 
 def test_resume_counts_only_real_video_files_as_done(tmp_path):
-    from pmvis.platform.raw_masks import done_videos, raw_file
+    from pmvis.platform.pseudo.store import done_videos, raw_file
 
     write_video_rows(tmp_path, "grabcut", 3, rows_from_tracks([], 4, 4))
     raw_file(tmp_path, "grabcut", 5).mkdir()  # a folder named like a video file

@@ -34,7 +34,7 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
     """A sweep trial that failed for good is listed under the trial table with its error and the
     file holding its whole traceback (the table alone would only say "error")."""
     from pmvis.jobs.demo import _summary
-    from pmvis.platform.sweep import SweepResult, TrialRow
+    from pmvis.platform.tune.sweep import SweepResult, TrialRow
 
     rows = [TrialRow("t_00000", "done", {"fuse.mode": "vote"}, 1.5, 4, str(tmp_path / "a")),
             TrialRow("t_00001", "error", {"fuse.mode": "select"}, None, None, None,
@@ -52,7 +52,7 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
     """The demo's concurrent trainings run in Ray tasks: bad input still surfaces as PmvisError
     naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
     from pmvis.jobs.demo import train_side_by_side
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
     from pmvis.platform.training import TrainConfig
 
     from mlflow.tracking import MlflowClient

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -244,7 +244,7 @@ def _check_demo_mlflow(tracking_uri: str, failures: str) -> None:
 def _check_sweep_outputs(sweep_dir: Path) -> None:
     """A finished sweep's files: every trial done, and the best trial's config is a `pmvis train`
     config (its trial's pseudo file, its knobs) that passes train's checks before Ray."""
-    from pmvis.platform.config import load_config
+    from pmvis.core.config import load_config
     from pmvis.platform.training import TrainConfig, preflight
 
     results = json.loads((sweep_dir / "results.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 
 from pmvis.cli import main
 from pmvis.platform.compare import compare_runs, format_comparison
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.tracking import mlflow_run
+from pmvis.core.errors import PmvisError
+from pmvis.platform.experiments import mlflow_run
 
 EXPERIMENT = "sweep-test"
 # run name -> (params, metrics)
@@ -111,7 +111,7 @@ def test_ensure_experiment_survives_a_concurrent_create(tmp_path, monkeypatch):
     the experiment the other made instead of failing the trial."""
     import mlflow
 
-    from pmvis.platform.tracking import ensure_experiment
+    from pmvis.platform.experiments import ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = ensure_experiment("raced", uri)

@@ -9,13 +9,14 @@ import pytest
 import yaml
 
 from pmvis.cli import main
-from pmvis.models.filters import FilterConfig, filter_annotations
+from pmvis.platform.pseudo.filters import FilterConfig, filter_annotations
 from pmvis.models.fusion import FuseConfig
-from pmvis.platform.config import build_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.raw_masks import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import Annotation, Video, YTVISDataset, decode_mask, encode_mask, load_ytvis
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset, load_ytvis
+from pmvis.core.masks import decode_mask, encode_mask
 
 H, W = 12, 16
 

@@ -14,18 +14,18 @@ from pmvis.models.fusion import (
     box_tightness,
     doob,
     doob_window,
-    fuse_annotations,
     fuse_frame,
-    fuse_with_stats,
     scm_keep,
     select_mask,
     vote_masks,
 )
-from pmvis.platform.config import build_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.raw_masks import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import Annotation, Video, YTVISDataset, decode_mask, encode_mask, load_ytvis
+from pmvis.platform.pseudo.fuse import fuse_annotations, fuse_with_stats
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset, load_ytvis
+from pmvis.core.masks import decode_mask, encode_mask
 
 H, W = 12, 16
 
@@ -276,7 +276,7 @@ def _blob(rng: np.random.Generator, h: int, w: int) -> np.ndarray | None:
 def test_fuse_annotations_matches_numpy_reference(monkeypatch, mode, max_rle_voters, doob_on, margin):
     """The RLE implementation gives exactly what the numpy reference definitions give
     (max_rle_voters 1: votes among several survivors take the decoding path)."""
-    monkeypatch.setattr("pmvis.models.fusion._MAX_RLE_VOTERS", max_rle_voters)
+    monkeypatch.setattr("pmvis.platform.pseudo.fuse.MAX_RLE_VOTERS", max_rle_voters)
     rng = np.random.default_rng([7, doob_on, margin, mode == "vote", max_rle_voters])
     T = 80
     boxes = []

@@ -22,14 +22,29 @@ from pmvis.models.fusion import doob_window
 from pmvis.models.vis import ModelConfig, build_model
 from pmvis.models.vis.checkpoint import check_compatible, load_model, read_checkpoint, save_checkpoint
 from pmvis.models.vis.inference import (
-    Detection, InferenceConfig, MemoryBank, Track, Tracker, associate, bisoftmax, box_nms, check_category_ids,
-    mask_iou, mask_nms, masks_to_frame, memory_embedding, padded_size, predict_dataset, predict_video,
-    resolve_category_ids, resized_size, tracks_to_results,
+    Detection,
+    InferenceConfig,
+    MemoryBank,
+    Track,
+    Tracker,
+    associate,
+    bisoftmax,
+    box_nms,
+    mask_iou,
+    mask_nms,
+    masks_to_frame,
+    memory_embedding,
+    padded_size,
+    predict_video,
+    resized_size,
 )
-from pmvis.platform.errors import PmvisError
+from pmvis.models.vis.inference import check_category_ids
+from pmvis.platform.predict import predict_dataset, resolve_category_ids, tracks_to_results
+from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import evaluate_ytvis
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import decode_mask, encode_mask, load_dataset_dir, load_results, save_results
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.platform.data.ytvis import load_dataset_dir, load_results, save_results
 
 NUM_CLASSES = 5  # the synthetic categories, ids 1..5
 # Random weights score every query far below the paper's thresholds: take every query.
@@ -292,7 +307,7 @@ def test_predict_dataset_results_are_valid_ytvis(model, dataset, tmp_path):
 
 def test_category_ids_from_the_checkpoint_or_the_dataset(dataset, caplog):
     assert resolve_category_ids({"extra": {"category_ids": [5, 4, 3, 2, 1]}}, dataset, 5) == [5, 4, 3, 2, 1]
-    with caplog.at_level(logging.WARNING, logger="pmvis.inference"):
+    with caplog.at_level(logging.WARNING, logger="pmvis.platform.predict"):
         assert resolve_category_ids({"extra": {}, "path": "c.pt"}, dataset, 5) == [1, 2, 3, 4, 5]
     assert "records no category_ids" in caplog.text
     with pytest.raises(PmvisError, match="3 category ids .* 5 classes"):

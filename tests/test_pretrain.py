@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pmvis.platform.coco import load_coco_stills
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.vis_data import DataConfig, build_sampler, load_training_data
-from pmvis.platform.ytvis import encode_mask
+from pmvis.platform.data.coco import load_coco_stills
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.vis_data import DataConfig, build_sampler, load_training_data
+from pmvis.core.masks import encode_mask
 
 H, W = 96, 128
 SQUARE = (40, 30, 36, 28)  # x, y, w, h of the white object

@@ -7,12 +7,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pmvis.platform.config import build_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
-from pmvis.platform.raw_masks import read_raw
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import decode_mask, load_dataset_dir
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+from pmvis.platform.pseudo.store import read_raw
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.masks import decode_mask
+from pmvis.platform.data.ytvis import load_dataset_dir
 
 PLUGIN = "source_plugins_for_tests"
 
@@ -153,7 +154,7 @@ def test_a_video_that_crashes_its_worker_every_time_fails_alone(ray_session, dat
     """Bounded retries (issue 14, item 2): the crashing video is tried 1 + MAX_TASK_RETRIES times,
     reported with its id, and the other videos are written. (CPU tasks only: the actor-pool case,
     `failing_actor`, behaves the same but takes ~35 s on 2 cores.)"""
-    from pmvis.platform.pseudo_masks import MAX_TASK_RETRIES
+    from pmvis.platform.pseudo.generate import MAX_TASK_RETRIES
 
     source = "failing"
     attempts = tmp_path / "attempts"
@@ -205,7 +206,7 @@ def test_bad_input_fails_before_ray_starts(data, tmp_path, monkeypatch, capsys, 
 def test_a_checkpoint_is_checked_and_its_content_keys_the_fingerprint(data, tmp_path):
     import torch
 
-    from pmvis.platform.pseudo_masks import prepare_pseudo_masks
+    from pmvis.platform.pseudo.generate import prepare_pseudo_masks
 
     ckpt = tmp_path / "w.pth"
     cfg = _config(sources=["hqsam"], source_options={"hqsam": {"checkpoint": str(ckpt)}})

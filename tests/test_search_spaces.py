@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-from pmvis.models.filters import FilterConfig
+from pmvis.platform.pseudo.filters import FilterConfig
 from pmvis.models.fusion import FuseConfig
 from pmvis.models.vis.config import LossConfig
-from pmvis.platform.config import build_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.search_spaces import (
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.platform.tune.search_spaces import (
     KNOB_ROOTS,
     SearchSpace,
     apply_knobs,

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pmvis.models.box_baseline import filled_box_results
+from pmvis.platform.predict import filled_box_results
 from pmvis.models.sources.base import SourceMasks, VideoInput, build_source, get_source_spec
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.ytvis import encode_mask, load_ytvis
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.masks import encode_mask
+from pmvis.platform.data.ytvis import load_ytvis
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*RANDOM weights.*:UserWarning"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from raw_store_for_tests import make_store
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 
 def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_dice_weight: {uniform: [1.0, 5.0]}\n",
@@ -18,7 +18,7 @@ def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_
 
 
 def sweep_config(tmp_path, data, raw, **kw):
-    from pmvis.platform.sweep import SweepConfig
+    from pmvis.platform.tune.sweep import SweepConfig
 
     values = dict(space=str(space_file(tmp_path)), data_dir=str(data), raw=str(raw), name="sw",
                   storage_path=str(tmp_path / "sweeps"), samples=2, search="random", scheduler="fifo",
@@ -30,7 +30,7 @@ def sweep_config(tmp_path, data, raw, **kw):
 
 
 def test_trial_configs_apply_knobs(tmp_path):
-    from pmvis.platform.sweep import base_train_values, trial_configs
+    from pmvis.platform.tune.sweep import base_train_values, trial_configs
 
     data, raw = make_store(tmp_path)
     cfg = sweep_config(tmp_path, data, raw)
@@ -47,8 +47,8 @@ def test_trial_configs_apply_knobs(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    from pmvis.platform.sweep import base_train_values, build_search_alg, run_sweep
-    from pmvis.platform.search_spaces import load_space
+    from pmvis.platform.tune.sweep import base_train_values, build_search_alg, run_sweep
+    from pmvis.platform.tune.search_spaces import load_space
 
     grid = load_space(space_file(tmp_path, "fuse.mode: {grid: [select, vote]}\n", "grid.yaml"))
     with pytest.raises(PmvisError, match="optuna cannot search grid knobs"):
@@ -67,8 +67,8 @@ def test_search_algorithms_draw_valid_seeded_configs(tmp_path):
     space and learns from a completed trial; both cap the trials running at once."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from pmvis.platform.search_spaces import load_space
-    from pmvis.platform.sweep import build_search_alg, param_space
+    from pmvis.platform.tune.search_spaces import load_space
+    from pmvis.platform.tune.sweep import build_search_alg, param_space
 
     from ray import tune
 
@@ -114,7 +114,7 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
     fault injection, no Train retries), so the first run ends with an errored trial; the same name
     again restores the sweep (resume_errored) and the trial's training resumes from its checkpoint
     at iteration 2."""
-    from pmvis.platform.sweep import run_sweep
+    from pmvis.platform.tune.sweep import run_sweep
 
     data, raw = make_store(tmp_path)
     marker = tmp_path / "failed-once"
@@ -157,7 +157,7 @@ def test_a_failed_trial_is_retried_and_resumes_its_training(tmp_path, ray_sessio
     """A trial whose training fails once (Train retries off) is rerun by Tune (trial_retries=1):
     the rerun resumes the training from its checkpoint, the trial ends done, and its MLflow runs
     (the sweep's and the trainer's) are one each, both FINISHED."""
-    from pmvis.platform.sweep import run_sweep
+    from pmvis.platform.tune.sweep import run_sweep
 
     data, raw = make_store(tmp_path)
     marker = tmp_path / "failed-once"
@@ -209,9 +209,9 @@ def test_sweep_command_line_builds_its_config_and_prints_the_ranked_result(tmp_p
     tests/test_cluster.py, and in the tests above); the result prints as the ranked table with the
     best config. run_sweep is replaced here, so no Ray starts."""
     import pmvis.platform.cluster as cluster
-    import pmvis.platform.sweep as sweep
+    import pmvis.platform.tune.sweep as sweep
     from pmvis import cli
-    from pmvis.platform.sweep import SweepResult, TrialRow
+    from pmvis.platform.tune.sweep import SweepResult, TrialRow
 
     seen = {}
 
@@ -251,7 +251,7 @@ def test_trials_stopped_early_are_marked_and_rank_after_the_full_budget_ones():
     trial that trained the whole budget (even with a higher AP), and a failed one ranks last."""
     from types import SimpleNamespace
 
-    from pmvis.platform.sweep import collect_rows, format_table
+    from pmvis.platform.tune.sweep import collect_rows, format_table
 
     def result(tid, ap, it, error=None):
         return SimpleNamespace(metrics={"trial_id": tid, "eval_AP": ap, "iteration": it}, config={"fuse.mode": "vote"},

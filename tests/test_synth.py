@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from pmvis import cli
 from pmvis.platform import synthetic
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.synthetic import CATEGORIES, SynthConfig, generate_synthetic, render_video
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.synthetic import CATEGORIES, SynthConfig, generate_synthetic, render_video
 
 SMALL = dict(videos=3, frames=6, height=64, width=80)
 

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
 from pmvis.platform.training import (
     TrainConfig, TrainingLoop, latest_checkpoint, restore_training_state, run_training,
 )
-from pmvis.platform.vis_data import ClipSampler, DataConfig, load_training_data, split_videos
-from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
+from pmvis.platform.data.vis_data import ClipSampler, DataConfig, load_training_data, split_videos
+from pmvis.platform.data.ytvis import load_dataset_dir, save_ytvis
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
 from pmvis.platform.training import (
     CHECKPOINT_META, TrainConfig, TrainingLoop, checkpoint_dir_name, latest_checkpoint, preflight,
     read_checkpoint_meta, run_dir_of, run_lock, write_checkpoint_dir,

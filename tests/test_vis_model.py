@@ -18,7 +18,7 @@ from pmvis.kernels import tk_affinity, tk_loss
 from pmvis.models.vis.boxes import xyxy_to_cxcywh
 from pmvis.models.vis.matcher import DynamicKMatcher
 from pmvis.models.vis.tracking_loss import negative_boundary, tracking_losses
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 SIZE = 64
 STRIDE = 4

@@ -11,15 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from conftest import rect, rle
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.ytvis import (
-    decode_mask,
-    load_results,
-    load_ytvis,
-    parse_results,
-    parse_ytvis,
-    save_ytvis,
-)
+from pmvis.core.errors import PmvisError
+from pmvis.core.masks import decode_mask
+from pmvis.platform.data.ytvis import load_results, load_ytvis, parse_results, parse_ytvis, save_ytvis
 
 
 def test_three_encodings_normalise_to_the_same_mask(tiny_ytvis):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,20 +94,20 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
-    from pmvis.models.box_baseline import annotations_as_results, filled_box_results
-    from pmvis.models.filters import filter_annotations
-    from pmvis.models.fusion import fuse_annotations
+    from pmvis.platform.predict import annotations_as_results, filled_box_results
+    from pmvis.platform.pseudo.filters import filter_annotations
+    from pmvis.platform.pseudo.fuse import fuse_annotations
     from pmvis.platform.cluster import connect
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
     from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
-    from pmvis.platform.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
-    from pmvis.platform.raw_masks import read_raw
+    from pmvis.core.io import write_json_atomic, write_text_atomic
+    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.pseudo.store import read_raw
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.tracking import default_tracking_uri
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.training import TrainConfig, run_training
-    from pmvis.platform.ytvis import load_ytvis, save_results, save_ytvis
+    from pmvis.platform.data.ytvis import load_ytvis, save_results, save_ytvis
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
 
     if args.sweep_trials < 0:
@@ -239,7 +239,7 @@ def filter_config(track_options: dict[str, Any]) -> Any:
     SAM 2's object-score scale; the flow engine reports a mask only where its own confidence reaches
     ``flow_present_threshold``, so Missing-Data takes every mask it reports (benchmark data, seed 0:
     recall 0.18 → 0.64 at precision 1.00 → 0.95)."""
-    from pmvis.models.filters import FilterConfig
+    from pmvis.platform.pseudo.filters import FilterConfig
     from pmvis.models.sources.track import TrackConfig
 
     track = TrackConfig.model_validate(track_options)
@@ -273,7 +273,7 @@ def train_side_by_side(configs: list[Any]) -> list[Any]:
     """
     import ray
 
-    from pmvis.platform.tracking import ensure_experiment
+    from pmvis.platform.experiments import ensure_experiment
     from pmvis.platform.training import resolve_config, run_training
 
     configs = [resolve_config(c) for c in configs]
@@ -315,7 +315,7 @@ def _sweep_and_compare(out: Path, data_dir: Path, pm_dir: Path, tracking_uri: st
 
     from pmvis.jobs.sweep import format_result
     from pmvis.platform.compare import compare_runs, format_comparison, write_comparison
-    from pmvis.platform.sweep import SweepConfig, run_sweep
+    from pmvis.platform.tune.sweep import SweepConfig, run_sweep
 
     storage = out / "sweeps"
     # The dataset was regenerated: a previous demo's sweep is stale (not resumed, not compared).

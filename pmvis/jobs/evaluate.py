@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
-    from pmvis.platform.io import write_json_atomic
-    from pmvis.platform.ytvis import load_results, load_ytvis
+    from pmvis.core.io import write_json_atomic
+    from pmvis.platform.data.ytvis import load_results, load_ytvis
 
     gt = load_ytvis(args.gt)
     results = load_results(args.results, gt)

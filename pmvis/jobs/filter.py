@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.jobs.fuse import config_path_for
-    from pmvis.models.filters import REPORT_KINDS, FilterConfig, filter_annotations
-    from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
-    from pmvis.platform.config import dump_config, load_config
-    from pmvis.platform.errors import PmvisError
-    from pmvis.platform.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
+    from pmvis.platform.pseudo.filters import REPORT_KINDS, FilterConfig, filter_annotations
+    from pmvis.platform.pseudo.store import read_raw, resolve_raw_dir
+    from pmvis.core.config import dump_config, load_config
+    from pmvis.core.errors import PmvisError
+    from pmvis.core.io import write_json_atomic, write_text_atomic
+    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FilterConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)

@@ -31,11 +31,12 @@ def config_path_for(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.models.fusion import FuseConfig, fuse_with_stats
-    from pmvis.platform.raw_masks import read_raw, resolve_raw_dir
-    from pmvis.platform.config import dump_config, load_config
-    from pmvis.platform.io import write_text_atomic
-    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
+    from pmvis.models.fusion import FuseConfig
+    from pmvis.platform.pseudo.fuse import fuse_with_stats
+    from pmvis.platform.pseudo.store import read_raw, resolve_raw_dir
+    from pmvis.core.config import dump_config, load_config
+    from pmvis.core.io import write_text_atomic
+    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FuseConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)

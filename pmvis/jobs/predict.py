@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_overrides(items: list[str]) -> dict:
     """['chunk_size=5', 'test_short_side=null'] -> {'chunk_size': 5, 'test_short_side': None}."""
-    from pmvis.platform.config import safe_load_yaml
+    from pmvis.core.config import safe_load_yaml
 
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
 
     out: dict = {}
     for item in items:
@@ -50,7 +50,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def parse_video_ids(text: str | None) -> list[int] | None:
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
 
     if text is None:
         return None
@@ -65,7 +65,7 @@ def parse_video_ids(text: str | None) -> list[int] | None:
 
 def _subset(dataset, video_ids: list[int]):
     """The dataset restricted to ``video_ids`` (so evaluation ignores the videos not predicted)."""
-    from pmvis.platform.ytvis import YTVISDataset
+    from pmvis.platform.data.ytvis import YTVISDataset
 
     keep = set(video_ids)
     return YTVISDataset(videos={v: dataset.videos[v] for v in video_ids},
@@ -77,10 +77,11 @@ def _subset(dataset, video_ids: list[int]):
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pmvis.models.vis.inference import InferenceConfig, load_inference_model, predict_dataset, resolve_category_ids
-    from pmvis.platform.config import build_config, load_config
-    from pmvis.platform.errors import PmvisError
-    from pmvis.platform.ytvis import check_output_for_dataset, load_dataset_dir, save_results
+    from pmvis.models.vis.inference import InferenceConfig, load_inference_model
+    from pmvis.platform.predict import predict_dataset, resolve_category_ids
+    from pmvis.core.config import build_config, load_config
+    from pmvis.core.errors import PmvisError
+    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_results
 
     overrides = parse_overrides(args.overrides)
     if args.device is not None:

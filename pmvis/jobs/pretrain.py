@@ -70,7 +70,7 @@ def pretrain_config(args: argparse.Namespace, data_dir: Path, annotations: str, 
     from pmvis.jobs.train import build_train_config
     from pmvis.platform.training import TrainConfig, merge_values
 
-    from pmvis.platform.tracking import default_tracking_uri
+    from pmvis.platform.experiments import default_tracking_uri
 
     # everything of a pretraining run lives under --out (MLFLOW_TRACKING_URI still wins)
     base: dict[str, Any] = {"run_name": PRETRAIN_RUN_NAME, "storage_path": str(args.out / "runs"),
@@ -84,8 +84,8 @@ def pretrain_config(args: argparse.Namespace, data_dir: Path, annotations: str, 
 
 def make_synthetic_stills(out: Path, videos: int, seed: int, size: tuple[int, int] | None = None) -> Path:
     """Synthetic videos under ``out`` with every frame listed as a COCO still (true boxes only)."""
-    from pmvis.platform.config import build_config
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic, write_coco_stills
+    from pmvis.core.config import build_config
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic, write_coco_stills
 
     values: dict[str, Any] = {"videos": videos, "frames": PRETRAIN_SYNTH_FRAMES, "seed": seed}
     if size is not None:
@@ -102,7 +102,7 @@ def run_pretrain(args: argparse.Namespace) -> Any:
     from pmvis.jobs.train import format_result
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, export_weights
     from pmvis.platform.cluster import connect
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
     from pmvis.platform.training import preflight, run_dir_of, run_lock, run_training
 
     if args.synthetic is not None:

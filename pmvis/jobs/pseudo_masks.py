@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_options(items: list[str]) -> dict[str, dict]:
     """['hqsam.model_type=vit_b', ...] -> {'hqsam': {'model_type': 'vit_b'}} (values as YAML)."""
-    from pmvis.platform.config import safe_load_yaml
+    from pmvis.core.config import safe_load_yaml
 
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
 
     out: dict[str, dict] = {}
     for item in items:
@@ -56,8 +56,8 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
-    from pmvis.platform.config import load_config
-    from pmvis.platform.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks, prepare_pseudo_masks
+    from pmvis.core.config import load_config
+    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks, prepare_pseudo_masks
 
     config = load_config(PseudoMaskConfig, args.config)
     updates: dict = {}

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.platform.config import load_config
+    from pmvis.core.config import load_config
     from pmvis.platform.report import ReportConfig, build_report, format_report
 
     config = load_config(ReportConfig, args.config)

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_sweep_config(args: argparse.Namespace):
     from pmvis.jobs.train import parse_overrides
-    from pmvis.platform.sweep import SweepConfig, split_overrides
+    from pmvis.platform.tune.sweep import SweepConfig, split_overrides
 
     train, fuse, filt = split_overrides(parse_overrides(args.overrides))
     return SweepConfig(space=args.space, data_dir=str(args.data), raw=str(args.raw), name=args.name,
@@ -68,7 +68,7 @@ def build_sweep_config(args: argparse.Namespace):
 
 
 def format_result(result) -> str:
-    from pmvis.platform.sweep import format_table
+    from pmvis.platform.tune.sweep import format_table
 
     lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
              + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",
@@ -87,7 +87,7 @@ def format_result(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
-    from pmvis.platform.sweep import prepare_sweep, run_sweep
+    from pmvis.platform.tune.sweep import prepare_sweep, run_sweep
 
     cfg = build_sweep_config(args)
     plan = prepare_sweep(cfg)  # every input check, before Ray starts

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.platform.config import load_config
-    from pmvis.platform.synthetic import SynthConfig, generate_synthetic
+    from pmvis.core.config import load_config
+    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
 
     height, width = args.size if args.size else (None, None)
     overrides = {"videos": args.videos, "frames": args.frames, "height": height, "width": width,

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_overrides(items: list[str]) -> dict:
     import yaml
 
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.errors import PmvisError
     from pmvis.platform.training import set_dotted
 
     values: dict = {}
@@ -53,8 +53,8 @@ def build_train_config(config_path: Path | None, overrides: list[str], preset: s
     values), then the --config file, then every --set."""
     import yaml
 
-    from pmvis.platform.config import build_config
-    from pmvis.platform.errors import PmvisError
+    from pmvis.core.config import build_config
+    from pmvis.core.errors import PmvisError
     from pmvis.platform.training import TrainConfig, merge_values
 
     values: dict = {}

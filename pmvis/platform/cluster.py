@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 from pmvis.platform.ray_logs import install_driver_log_filters, job_runtime_env
 
 # Keep a local Ray small on a laptop: object store sized for masks, not for the whole machine.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import atomic_path
-from pmvis.platform.tracking import DB_NAME, DEFAULT_STORE_DIR
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import atomic_path
+from pmvis.platform.experiments import DB_NAME, DEFAULT_STORE_DIR
 
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."

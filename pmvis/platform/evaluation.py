@@ -28,8 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.ytvis import Annotation, Result, Rle, YTVISDataset
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.ytvis import Annotation, Result, YTVISDataset
+from pmvis.core.masks import Rle
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)

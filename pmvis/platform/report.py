@@ -14,15 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from pmvis.models.filters import FilterConfig
-from pmvis.platform.config import StrictConfig, dump_config
-from pmvis.platform.errors import PmvisError
+from pmvis.platform.pseudo.filters import FilterConfig
+from pmvis.core.config import StrictConfig, dump_config
+from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.io import atomic_path, read_json, write_json_atomic, write_text_atomic
-from pmvis.platform.raw_masks import RAW_DIRNAME, RawTrack, read_raw
-from pmvis.platform.ytvis import (
-    DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset, decode_mask, load_dataset_dir, load_ytvis,
-)
+from pmvis.core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from pmvis.platform.pseudo.store import RAW_DIRNAME, RawTrack, read_raw
+from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset, load_dataset_dir, load_ytvis
+from pmvis.core.masks import decode_mask
 
 IOU_LEVELS = (0.5, 0.75)
 
@@ -179,10 +178,10 @@ def build_report(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Compute the report, write ``out_dir/report.json`` and PNGs, log one MLflow run; return it."""
-    from pmvis.models.box_baseline import filled_box_results
-    from pmvis.models.filters import filter_annotations
-    from pmvis.models.fusion import fuse_annotations
-    from pmvis.platform.tracking import mlflow_run
+    from pmvis.platform.predict import filled_box_results
+    from pmvis.platform.pseudo.filters import filter_annotations
+    from pmvis.platform.pseudo.fuse import fuse_annotations
+    from pmvis.platform.experiments import mlflow_run
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     gt = load_dataset_dir(data_dir, annotations)

@@ -73,10 +73,10 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pmvis.models.vis.config import LossConfig, ModelConfig
-from pmvis.platform.config import StrictConfig, build_config, dump_config
-from pmvis.platform.errors import PmvisError
+from pmvis.core.config import StrictConfig, build_config, dump_config
+from pmvis.core.errors import PmvisError
 from pmvis.platform.progress import ProgressPrinter
-from pmvis.platform.vis_data import DataConfig
+from pmvis.platform.data.vis_data import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ RUN_LOCK_FILENAME = ".pmvis.lock"  # in the run directory, flock-ed while a run 
 TEMP_CHECKPOINT_PREFIX = "pmvis-ckpt-"  # a worker's checkpoint before Ray copies it: pmvis-ckpt-<pid>-*
 MAX_ERROR_MESSAGE_BYTES = 4096  # a worker's PmvisError message shared with the other ranks, cut to this
 MAX_LISTED_PROBLEMS = 5  # an error message names this many missing files, then counts the rest
-TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.synthetic.CATEGORIES)
+TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.data.synthetic.CATEGORIES)
 
 
 class DebugConfig(StrictConfig):
@@ -317,7 +317,7 @@ class TrainingLoop:
         import torch
 
         from pmvis.models.vis import VISCriterion, build_model
-        from pmvis.platform.vis_data import build_sampler, load_training_data
+        from pmvis.platform.data.vis_data import build_sampler, load_training_data
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
@@ -467,7 +467,7 @@ def _inference_module() -> Any:
 
 
 def _inference_config(knobs: Mapping[str, Any]) -> Any:
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
 
     inference = _inference_module()
     if inference is None:
@@ -753,7 +753,7 @@ def write_checkpoint_dir(loop: TrainingLoop, directory: str | os.PathLike, extra
     run, and the size and SHA-256 of checkpoint.pt): the record lets a reader tell a complete copy
     in storage from one cut short (:func:`verify_checkpoint`)."""
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, config_fingerprint, file_record
-    from pmvis.platform.io import write_json_atomic
+    from pmvis.core.io import write_json_atomic
 
     directory = Path(directory)
     loop.save(directory / CHECKPOINT_FILENAME, **extra)
@@ -801,7 +801,7 @@ def _is_remote(path: str) -> bool:
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Absolute paths (workers run elsewhere), a run name, a tracking URI."""
-    from pmvis.platform.tracking import default_tracking_uri
+    from pmvis.platform.experiments import default_tracking_uri
 
     def absolute(p: str | None) -> str | None:
         return None if p is None or _is_remote(p) else str(Path(p).expanduser().resolve())
@@ -914,7 +914,7 @@ def _open_mlflow_run(cfg: TrainConfig, run_dir: str, resume_meta: Mapping[str, A
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pmvis.platform.tracking import ensure_experiment, flatten_params
+    from pmvis.platform.experiments import ensure_experiment, flatten_params
 
     uri = cfg.tracking_uri
     client = MlflowClient(uri)
@@ -1034,7 +1034,7 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
     costs a Ray start-up (and, raised there, ``max_failures`` restarts). Returns (config, resume
     meta or None)."""
     from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
-    from pmvis.platform.vis_data import build_sampler, load_training_data
+    from pmvis.platform.data.vis_data import build_sampler, load_training_data
 
     cfg = resolve_config(cfg)
     need_gt, need_pseudo = cfg.loss.mode == "full", cfg.loss.mode == "pmvis"
@@ -1133,7 +1133,7 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pmvis.platform.io import write_json_atomic, write_text_atomic
+    from pmvis.core.io import write_json_atomic, write_text_atomic
     from pmvis.platform.ray_logs import quiet_ray_train, ray_train_logging_config
 
     cfg, resume_meta = preflight(cfg)

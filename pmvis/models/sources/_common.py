@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pmvis.models.sources.base import SourceMasks, VideoInput
-from pmvis.platform.devices import resolve_device  # noqa: F401  (re-exported for the sources)
-from pmvis.platform.errors import PmvisError
+from pmvis.core.devices import resolve_device  # noqa: F401  (re-exported for the sources)
+from pmvis.core.errors import PmvisError
 
 log = logging.getLogger("pmvis.sources")
 
@@ -23,7 +23,7 @@ log = logging.getLogger("pmvis.sources")
 def box_pixels(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
     """``[x, y, w, h]`` → pixel rectangle ``(x0, y0, x1, y1)`` (exclusive ends), clipped to the image.
 
-    Pixels whose centres lie inside the box, the rounding ``pmvis.platform.ytvis.box_mask_rle``
+    Pixels whose centres lie inside the box, the rounding ``pmvis.platform.data.ytvis.box_mask_rle``
     uses, so a filled-box fallback here equals the filled-box baseline.
     """
     x0 = min(max(int(round(box[0])), 0), width)

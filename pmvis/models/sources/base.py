@@ -2,7 +2,7 @@
 
 A source takes one video (frames + ground-truth boxes per annotation) and returns, for every
 annotation and every frame where it has a box, a binary mask and a confidence. The Ray Data
-pipeline (``pmvis.platform.pseudo_masks``) only knows this interface: a new source registers a
+pipeline (``pmvis.platform.pseudo.generate``) only knows this interface: a new source registers a
 config class and a builder here and is immediately usable by ``pmvis pseudo-masks``.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from pmvis.platform.config import StrictConfig
-from pmvis.platform.errors import PmvisError
+from pmvis.core.config import StrictConfig
+from pmvis.core.errors import PmvisError
 
 Box = list[float]  # [x, y, w, h] in pixels
 
@@ -92,7 +92,7 @@ def get_source_spec(name: str) -> SourceSpec:
 def build_source(name: str, config: SourceConfig | dict | None = None) -> PseudoMaskSource:
     spec = get_source_spec(name)
     if not isinstance(config, spec.config_cls):
-        from pmvis.platform.config import build_config
+        from pmvis.core.config import build_config
 
         config = build_config(spec.config_cls, dict(config or {}), source=f"source {name}")
     return spec.build(config)

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pmvis.models.sources._common import clip01, empty_tracks, resolve_device
 from pmvis.models.sources.base import SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 NAME = "boxinst"
 log = logging.getLogger("pmvis.sources.boxinst")
@@ -55,7 +55,7 @@ class BoxInstSourceConfig(SourceConfig):
     @classmethod
     def _inference_knobs(cls, value: Any) -> dict[str, Any]:
         from pmvis.models.vis.inference import InferenceConfig
-        from pmvis.platform.config import build_config
+        from pmvis.core.config import build_config
 
         return build_config(InferenceConfig, value or {}, source="source boxinst: inference").model_dump(mode="json")
 
@@ -138,7 +138,8 @@ class BoxInstSource:
 
     def __init__(self, config: BoxInstSourceConfig):
         from pmvis.models.vis.checkpoint import load_model
-        from pmvis.models.vis.inference import InferenceConfig, check_category_ids
+        from pmvis.models.vis.inference import InferenceConfig
+        from pmvis.models.vis.inference import check_category_ids
 
         self.config = config
         self.device = resolve_device(config.device, config.num_gpus)
@@ -155,7 +156,7 @@ class BoxInstSource:
 
     def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
         from pmvis.models.vis.inference import predict_video
-        from pmvis.platform.ytvis import decode_mask
+        from pmvis.core.masks import decode_mask
 
         out = empty_tracks(video)
         missing = sorted({c for c in video.categories.values() if c not in self.category_ids})

@@ -53,7 +53,7 @@ import numpy as np
 from pmvis.models.sources._common import (
     load_checkpoint_file, load_state_dict_strict, log, state_dict_from, warn_random_weights,
 )
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 ENV_ROOT = "PMVIS_DEAOT_ROOT"
 _CHECKOUT_PACKAGES = ("configs", "networks", "utils", "dataloaders")

@@ -84,7 +84,7 @@ from pmvis.models.sources._common import (
 from pmvis.models.sources.base import (
     Box, SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source,
 )
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 NAME = "track"
 DEFAULT_INIT_FROM = "hqsam"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 # optional in a checkpoint: BatchNorm's step counter
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)

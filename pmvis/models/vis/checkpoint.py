@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from pmvis.models.vis.config import ModelConfig
-from pmvis.platform.config import build_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import atomic_path
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import atomic_path
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pmvis.platform.config import StrictConfig
+from pmvis.core.config import StrictConfig
 
 
 class ModelConfig(StrictConfig):

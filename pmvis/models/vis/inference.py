@@ -40,17 +40,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from pmvis.platform.config import StrictConfig
-from pmvis.platform.devices import check_device
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.ytvis import Result, Rle, YTVISDataset, encode_mask
+from pmvis.core.config import StrictConfig
+from pmvis.core.devices import check_device
+from pmvis.core.errors import PmvisError
+from pmvis.core.masks import Rle, encode_mask
 
 from .boxes import cxcywh_to_xyxy
 from .idol import normalize_images
@@ -424,22 +424,10 @@ def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConf
     return [tracks[tid] for tid in sorted(tracks)]
 
 
-def resolve_category_ids(state: dict | None, dataset: YTVISDataset, num_classes: int) -> list[int]:
-    """Class index → dataset category id: the checkpoint's ``extra["category_ids"]`` (recorded by
-    training); without it, the dataset's category ids sorted ascending (a logged warning). Ids not
-    in the dataset, or a count other than the model's classes, are a PmvisError."""
-    extra = (state or {}).get("extra") or {}
-    where = (state or {}).get("path", "checkpoint")
-    ids = extra.get("category_ids")
-    if ids is None:
-        ids = sorted(dataset.categories)
-        log.warning("%s records no category_ids: assuming class i is the i-th smallest dataset category id %s",
-                    where, ids)
-    return check_category_ids(ids, dataset, num_classes, where=str(where))
-
-
-def check_category_ids(ids: Sequence[int], dataset: YTVISDataset | None, num_classes: int, *,
+def check_category_ids(ids: Sequence[int], dataset: Any, num_classes: int, *,
                        where: str = "category_ids") -> list[int]:
+    """The class index → category id map of a model with ``num_classes`` classes: one unique id per
+    class, each a category of ``dataset`` (a YTVIS dataset; None skips that check)."""
     ids = [int(i) for i in ids]
     if len(ids) != num_classes:
         raise PmvisError(f"{where}: {len(ids)} category ids {ids} for a model with {num_classes} classes")
@@ -452,46 +440,6 @@ def check_category_ids(ids: Sequence[int], dataset: YTVISDataset | None, num_cla
                              f"{dataset.path or ''} (it has {sorted(dataset.categories)}); "
                              f"was the checkpoint trained on another dataset?")
     return ids
-
-
-def tracks_to_results(tracks: Sequence[Track], video_id: int, length: int, category_ids: Sequence[int]) -> list[Result]:
-    return [Result(video_id=video_id, category_id=int(category_ids[tr.label]), score=tr.score,
-                   segmentations=tr.segmentations(length)) for tr in tracks]
-
-
-def predict_dataset(
-    model: torch.nn.Module,
-    dataset: YTVISDataset,
-    cfg: InferenceConfig | None = None,
-    *,
-    category_ids: Sequence[int] | None = None,
-    video_ids: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[Result]:
-    """YTVIS results (one per track) for ``video_ids`` (default: every video) of ``dataset``.
-
-    ``category_ids`` maps class index → category id (training stores it in the checkpoint,
-    ``state["extra"]["category_ids"]``; see :func:`resolve_category_ids`); None: the dataset's
-    category ids sorted ascending, with a warning.
-    """
-    from tqdm import tqdm
-
-    cfg = cfg or InferenceConfig()
-    num_classes = model.cfg.num_classes
-    if category_ids is None:
-        category_ids = resolve_category_ids(None, dataset, num_classes)
-    else:
-        category_ids = check_category_ids(category_ids, dataset, num_classes)
-    vids = sorted(dataset.videos) if video_ids is None else list(video_ids)
-    unknown = [v for v in vids if v not in dataset.videos]
-    if unknown:
-        raise PmvisError(f"{dataset.path}: video ids {unknown} are not in the dataset")
-    results: list[Result] = []
-    for vid in tqdm(vids, desc="predict", unit="video", disable=not progress):
-        video = dataset.videos[vid]
-        tracks = predict_video(model, dataset.read_video(vid), cfg)
-        results.extend(tracks_to_results(tracks, vid, video.length, category_ids))
-    return results
 
 
 def load_inference_model(path, cfg: InferenceConfig | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 TINY_PRETRAINED = "tiny_synthetic.pt"
 MAKE_COMMAND = {TINY_PRETRAINED: "pmvis pretrain --synthetic 300 --preset tiny --export pmvis/models/weights/"

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 # Mode of a new regular file before the umask is applied (what open() and shells use).
 NEW_FILE_MODE = 0o666

@@ -25,9 +25,10 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import atomic_path
-from pmvis.platform.ytvis import MAX_IMAGE_SIDE_PX, Rle, _Problems, compressed_rle_totals
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import atomic_path
+from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX, _Problems
+from pmvis.core.masks import Rle, compressed_rle_totals
 
 RAW_DIRNAME = "raw"
 SCHEMA = pa.schema([

@@ -42,9 +42,9 @@ from pycocotools import mask as mask_utils
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from pmvis.platform.config import StrictConfig
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import read_json, write_json_atomic
+from pmvis.core.config import StrictConfig
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import read_json, write_json_atomic
 
 CATEGORIES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross")
 DEFECT_KINDS: tuple[str, ...] = ("inaccurate", "missing")

@@ -3,7 +3,7 @@
 IDOL pretrains on COCO by turning each image into a short clip whose frames are independent
 random augmentations of the same image, so the tracking (contrastive) loss sees the "same
 instance in another frame" and the detector sees more views. pmvis does the same for any
-training set whose videos have one frame (``data.format: coco``, :mod:`pmvis.platform.coco`):
+training set whose videos have one frame (``data.format: coco``, :mod:`pmvis.platform.data.coco`):
 frame t of a clip is the still under a random similarity transform — a zoom around a random
 centre and a shift, optionally a rotation — drawn per frame (:class:`PseudoVideoConfig`), then
 the clip's common resize and flip.
@@ -13,7 +13,7 @@ instance has a mask, of its transformed mask: tight even under rotation), clippe
 an instance whose visible box keeps less than ``min_visible`` of its transformed area, or is
 thinner than ``min_box_px``, is dropped from that frame, as an object leaving a real video.
 Instance ids are kept across the clip's frames. Everything is a pure function of (seed, rank,
-iteration), like :class:`pmvis.platform.vis_data.ClipSampler`'s batches.
+iteration), like :class:`pmvis.platform.data.vis_data.ClipSampler`'s batches.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import math
 import cv2
 import numpy as np
 
-from pmvis.platform.vis_data import ClipBatch, ClipSampler, PseudoVideoConfig, _Frame, _has_box, _VideoIndex
-from pmvis.platform.ytvis import decode_mask
+from pmvis.platform.data.vis_data import ClipBatch, ClipSampler, PseudoVideoConfig, _Frame, _has_box, _VideoIndex
+from pmvis.core.masks import decode_mask
 
 
 def random_similarity(rng: np.random.Generator, cfg: PseudoVideoConfig, height: int, width: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def transform_box(box_xyxy: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 class PseudoVideoSampler(ClipSampler):
     """:class:`ClipSampler` over one-frame videos: every frame of a clip is a new random view of
-    the still (:mod:`pmvis.platform.pseudo_video`), with the knobs of ``data.pseudo_video``."""
+    the still (:mod:`pmvis.platform.data.pseudo_video`), with the knobs of ``data.pseudo_video``."""
 
     @property
     def pseudo_video(self) -> PseudoVideoConfig:

@@ -49,10 +49,10 @@ from typing import Any, Iterator
 import numpy as np
 from pydantic import ValidationError
 
-from pmvis.platform.config import StrictConfig, dump_config
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import read_json, write_json_atomic
-from pmvis.platform.raw_masks import (
+from pmvis.core.config import StrictConfig, dump_config
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import read_json, write_json_atomic
+from pmvis.platform.pseudo.store import (
     RAW_DIRNAME,
     RawTrack,
     done_videos,
@@ -62,7 +62,8 @@ from pmvis.platform.raw_masks import (
     stored_sources,
     write_video_rows,
 )
-from pmvis.platform.ytvis import YTVISDataset, encode_mask, load_dataset_dir
+from pmvis.platform.data.ytvis import YTVISDataset, load_dataset_dir
+from pmvis.core.masks import encode_mask
 
 MANIFEST_FILENAME = "manifest.json"
 # Bump when the pipeline's output for the same inputs changes: every stored source is regenerated.
@@ -122,7 +123,7 @@ def _cached_dataset(data_dir: str, annotations: str | None, mtime_ns: int):
 
 def _dataset(data_dir: str, annotations: str | None):
     """The dataset, parsed once per worker process (re-read if the file changed)."""
-    from pmvis.platform.ytvis import ANNOTATIONS_FILENAME
+    from pmvis.platform.data.ytvis import ANNOTATIONS_FILENAME
 
     path = Path(data_dir) / (annotations or ANNOTATIONS_FILENAME)
     return _cached_dataset(data_dir, annotations, path.stat().st_mtime_ns)
@@ -135,7 +136,7 @@ def _video_input(data_dir: str, annotations: str | None, video_id: int, init_blo
     anns = ds.annotations_by_video()[video_id]
     init: dict[int, SourceMasks] = {}
     if init_blob:
-        from pmvis.platform.ytvis import decode_mask
+        from pmvis.core.masks import decode_mask
 
         for ann_id, (segs, confs) in pickle.loads(init_blob).items():
             init[ann_id] = SourceMasks(masks=[None if s is None else decode_mask(s) for s in segs],

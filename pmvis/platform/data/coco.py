@@ -2,11 +2,11 @@
 
 Pretraining (IDOL's COCO pseudo-video recipe, `pmvis pretrain`) reads a COCO instances file
 (``images``, ``annotations`` with ``bbox`` and optional ``segmentation``, ``categories``): COCO
-train2017 for real runs, synthetic stills (:func:`pmvis.platform.synthetic.generate_stills`) here.
+train2017 for real runs, synthetic stills (:func:`pmvis.platform.data.synthetic.generate_stills`) here.
 The file is validated here with errors that name COCO's own ids (image id, annotation id) and
 then converted into a :class:`YTVISDataset` of one-frame videos (video id = image id), so the
 training code, the box and mask validation and the frame reader are the YTVIS ones;
-:class:`pmvis.platform.pseudo_video.PseudoVideoSampler` turns each still into a clip.
+:class:`pmvis.platform.data.pseudo_video.PseudoVideoSampler` turns each still into a clip.
 
 Choices (ours): images without a usable annotation are skipped (they cannot give a key frame);
 crowd annotations are kept and flagged (the sampler ignores them, as IDOL does); a box may stick
@@ -19,10 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import read_json
-from pmvis.platform.ytvis import (
-    BOX_TOLERANCE_PX, MAX_IMAGE_SIDE_PX, YTVISDataset, _Problems, check_file_name, is_finite_number,
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import read_json
+from pmvis.platform.data.ytvis import (
+    BOX_TOLERANCE_PX,
+    MAX_IMAGE_SIDE_PX,
+    YTVISDataset,
+    _Problems,
+    check_file_name,
+    is_finite_number,
     parse_ytvis,
 )
 

@@ -47,9 +47,9 @@ from typing import Any, Iterable, Mapping, Union
 
 from pydantic import BaseModel, ValidationError
 
-from pmvis.platform.config import parse_yaml_mapping
-from pmvis.platform.io import read_text_utf8
-from pmvis.platform.errors import PmvisError
+from pmvis.core.config import parse_yaml_mapping
+from pmvis.core.io import read_text_utf8
+from pmvis.core.errors import PmvisError
 
 # Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
 # use (LossConfig's module pulls in torch). Extend it for new trial sections, e.g.
@@ -57,7 +57,7 @@ from pmvis.platform.errors import PmvisError
 # for the value checks; if it cannot, only the knob paths are checked.
 KNOB_ROOTS: dict[str, type[BaseModel] | str] = {
     "fuse": "pmvis.models.fusion:FuseConfig",
-    "filter": "pmvis.models.filters:FilterConfig",
+    "filter": "pmvis.platform.pseudo.filters:FilterConfig",
     "loss": "pmvis.models.vis.config:LossConfig",
 }
 
@@ -185,7 +185,7 @@ def base_config(roots: Iterable[str] | None = None) -> dict[str, Any]:
 def build_roots(config: Mapping[str, Any], roots: Iterable[str] | None = None, *,
                 source: str = "trial config") -> dict[str, BaseModel]:
     """Validate the given root sections of a nested config dict into their models."""
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
 
     out: dict[str, BaseModel] = {}
     for root in roots if roots is not None else [r for r in config if r in KNOB_ROOTS]:

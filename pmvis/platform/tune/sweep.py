@@ -1,6 +1,6 @@
 """Hyperparameter sweeps of the PM-VIS pipeline on Ray Tune (Ray 2.60, Train V2).
 
-A sweep searches a :mod:`pmvis.platform.search_spaces` space over the knob roots ``fuse.*``
+A sweep searches a :mod:`pmvis.platform.tune.search_spaces` space over the knob roots ``fuse.*``
 (FuseConfig), ``filter.*`` (FilterConfig) and ``loss.*`` (the TrainConfig's LossConfig). Each
 trial (:func:`trial_driver`, a Tune function trainable):
 
@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
 def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
     """The TrainConfig values every trial starts from (preset, --set, --iterations, sweep defaults);
     validated once here, before Ray starts."""
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
     from pmvis.platform.training import TrainConfig, merge_values
 
     values = copy.deepcopy(cfg.train_overrides)
@@ -185,10 +185,10 @@ def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
 
 def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any, Any | None, dict[str, Any]]:
     """(FuseConfig, FilterConfig or None, TrainConfig values without the data files) of one trial."""
-    from pmvis.models.filters import FilterConfig
+    from pmvis.platform.pseudo.filters import FilterConfig
     from pmvis.models.fusion import FuseConfig
-    from pmvis.platform.config import build_config
-    from pmvis.platform.search_spaces import apply_knobs, base_config
+    from pmvis.core.config import build_config
+    from pmvis.platform.tune.search_spaces import apply_knobs, base_config
     from pmvis.platform.training import merge_values
 
     source = f"sweep {ctx['name']}"
@@ -217,11 +217,11 @@ def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any
 
 def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mapping[str, Any]) -> tuple[str, str]:
     """Re-fuse (and re-filter) from the raw store into ``trial_dir``; (annotations, pseudo) paths."""
-    from pmvis.models.filters import filter_annotations
-    from pmvis.models.fusion import fuse_annotations
-    from pmvis.platform.raw_masks import read_raw
-    from pmvis.platform.io import write_json_atomic
-    from pmvis.platform.ytvis import load_dataset_dir, save_ytvis
+    from pmvis.platform.pseudo.filters import filter_annotations
+    from pmvis.platform.pseudo.fuse import fuse_annotations
+    from pmvis.platform.pseudo.store import read_raw
+    from pmvis.core.io import write_json_atomic
+    from pmvis.platform.data.ytvis import load_dataset_dir, save_ytvis
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset_dir(ctx["data_dir"])
@@ -245,7 +245,7 @@ def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mappin
 
 def trial_train_config(train_values: Mapping[str, Any], annotations: str, pseudo: str, trial_dir: Path,
                        ctx: Mapping[str, Any]) -> Any:
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
     from pmvis.platform.training import TrainConfig
 
     values = copy.deepcopy(dict(train_values))
@@ -271,8 +271,8 @@ def trial_driver(config: dict, ctx: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pmvis.platform.config import dump_config
-    from pmvis.platform.io import write_text_atomic
+    from pmvis.core.config import dump_config
+    from pmvis.core.io import write_text_atomic
     from pmvis.platform.training import run_training
 
     knobs = knobs_from_trial_config(config, ctx["knob_paths"])
@@ -378,7 +378,7 @@ def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
         return FIFOScheduler()
     if scheduler != "asha":
         raise PmvisError(f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})")
-    from pmvis.platform.config import build_config
+    from pmvis.core.config import build_config
     from pmvis.platform.training import TrainConfig
 
     t = build_config(TrainConfig, {**train_values, "data": {**train_values["data"], "pseudo_annotations": "x"}},
@@ -412,7 +412,7 @@ def max_concurrent_trials(train_values: Mapping[str, Any], gpus_per_trial: int) 
 
 
 def _resolve_raw(raw: str) -> str:
-    from pmvis.platform.raw_masks import resolve_raw_dir
+    from pmvis.platform.pseudo.store import resolve_raw_dir
 
     return str(Path(resolve_raw_dir(raw)).resolve())
 
@@ -493,8 +493,8 @@ def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple
     """``best_config.yaml`` (a TrainConfig for `pmvis train --config`) and ``best_trial.yaml``."""
     import yaml
 
-    from pmvis.platform.config import load_config
-    from pmvis.platform.io import write_text_atomic
+    from pmvis.core.config import load_config
+    from pmvis.core.io import write_text_atomic
     from pmvis.platform.training import CONFIG_FILENAME, TrainConfig
 
     trial_dir = sweep_dir / TRIALS_DIRNAME / best.trial_id
@@ -534,9 +534,9 @@ def prepare_sweep(cfg: SweepConfig) -> SweepPlan:
     """Every check of a sweep that needs no Ray (flags, search space, train config, dataset, raw
     store, one sampled trial's configs). Call it before connecting: bad input then fails in a
     second instead of after a Ray start-up."""
-    from pmvis.platform.search_spaces import load_space
-    from pmvis.platform.tracking import default_tracking_uri
-    from pmvis.platform.ytvis import load_dataset_dir
+    from pmvis.platform.tune.search_spaces import load_space
+    from pmvis.platform.experiments import default_tracking_uri
+    from pmvis.platform.data.ytvis import load_dataset_dir
 
     if cfg.samples < 1:
         raise PmvisError(f"--samples must be ≥ 1, got {cfg.samples}")
@@ -581,8 +581,8 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
     import ray
     from ray import tune
 
-    from pmvis.platform.io import write_json_atomic
-    from pmvis.platform.tracking import ensure_experiment
+    from pmvis.core.io import write_json_atomic
+    from pmvis.platform.experiments import ensure_experiment
     from pmvis.platform.training import TrainConfig
 
     if plan is None:

@@ -38,10 +38,12 @@ from typing import Any, Iterable, Literal, Mapping
 from pycocotools import mask as mask_utils
 from pydantic import Field, field_validator
 
-from pmvis.models.fusion import FuseConfig, fuse_with_stats, index_tracks
-from pmvis.platform.config import StrictConfig
-from pmvis.platform.raw_masks import RawTrack
-from pmvis.platform.ytvis import Annotation, YTVISDataset, rle_areas, to_coco_rles
+from pmvis.models.fusion import FuseConfig
+from pmvis.platform.pseudo.fuse import fuse_with_stats, index_tracks
+from pmvis.core.config import StrictConfig
+from pmvis.platform.pseudo.store import RawTrack
+from pmvis.platform.data.ytvis import Annotation, YTVISDataset
+from pmvis.core.masks import rle_areas, to_coco_rles
 
 REPORT_KINDS: tuple[str, ...] = ("inaccurate", "missing")
 

@@ -38,16 +38,17 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from pmvis.platform.config import StrictConfig
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.ytvis import Annotation, YTVISDataset, decode_mask, load_dataset_dir, load_ytvis
+from pmvis.core.config import StrictConfig
+from pmvis.core.errors import PmvisError
+from pmvis.platform.data.ytvis import Annotation, YTVISDataset, load_dataset_dir, load_ytvis
+from pmvis.core.masks import decode_mask
 
 logger = logging.getLogger(__name__)
 
 
 class PseudoVideoConfig(StrictConfig):
     """How a still becomes the frames of a pseudo video (``data.format: coco``; drawn per frame,
-    :mod:`pmvis.platform.pseudo_video`)."""
+    :mod:`pmvis.platform.data.pseudo_video`)."""
 
     scale: tuple[float, float] = (0.8, 1.25)  # zoom factor drawn log-uniformly in [lo, hi]
     translate: float = Field(0.1, ge=0.0, le=0.5)  # shift, uniform in ±translate × (w, h)
@@ -188,7 +189,7 @@ def load_training_data(cfg: DataConfig, *, num_classes: int | None = None, need_
                        need_pseudo: bool = False, load_eval: bool = True) -> TrainingData:
     """Load and cross-check the files of ``cfg``; every problem is a PmvisError naming the file."""
     if cfg.format == "coco":
-        from pmvis.platform.coco import load_coco_stills
+        from pmvis.platform.data.coco import load_coco_stills
 
         if need_pseudo or cfg.pseudo_annotations is not None:
             raise PmvisError("data.format 'coco' (still images) has no pseudo-mask file: use loss.mode boxinst or full")
@@ -350,7 +351,7 @@ class _Frame:
 def build_sampler(data: TrainingData, cfg: DataConfig, **kwargs: Any) -> "ClipSampler":
     """The sampler of ``cfg.format``: clips of real videos, or pseudo videos made from stills."""
     if cfg.format == "coco":
-        from pmvis.platform.pseudo_video import PseudoVideoSampler
+        from pmvis.platform.data.pseudo_video import PseudoVideoSampler
 
         return PseudoVideoSampler(data, cfg, **kwargs)
     return ClipSampler(data, cfg, **kwargs)

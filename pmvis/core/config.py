@@ -11,8 +11,8 @@ from typing import Any, Mapping, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pmvis.platform.errors import PmvisError
-from pmvis.platform.io import read_text_utf8
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import read_text_utf8
 
 C = TypeVar("C", bound="StrictConfig")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pmvis.platform.errors import PmvisError
+from pmvis.core.errors import PmvisError
 
 
 def check_device(device: str):
