@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pydantic import ValidationError
 
 from pmvis import cli
-from pmvis.platform import synthetic
+from pmvis.platform.data import synthetic
 from pmvis.core.errors import PmvisError
 from pmvis.platform.data.synthetic import CATEGORIES, SynthConfig, generate_synthetic, render_video
 
