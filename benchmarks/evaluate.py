@@ -1,6 +1,6 @@
 """Benchmark: `pmvis evaluate`'s evaluator vs a straightforward per-pair, per-frame one.
 
-The baseline below is written from the definition (DESIGN.md §3) the way the official
+The baseline below is written from the definition (docs/design.md §3) the way the official
 ``ytvoseval`` does it: for every (video, category), every detection × ground-truth pair and every
 frame, merge the two RLEs to get intersection and union; then COCO matching and accumulation in
 plain loops. ``pmvis`` is ``evaluate_ytvis`` as `pmvis evaluate` runs it (pairs that can never

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.platform.report import ReportConfig, build_report, format_report
     from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
     from pmvis.platform.experiments import default_tracking_uri
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
     from pmvis.platform.data.ytvis import load_ytvis, save_ytvis
 
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bare_loop(cfg, iterations: int) -> float:
     import torch
 
-    from pmvis.platform.training import TrainingLoop
+    from pmvis.platform.train.loop import TrainingLoop
 
     device = "cuda" if cfg.use_gpu else "cpu"
     if device == "cpu":
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.training import TrainConfig, run_training
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.platform.train.driver import run_training
 
     tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-train-"))
     data = tmp / "data"
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         base = TrainConfig.tiny(data, **common)
     else:
         from pmvis.models.vis.config import ModelConfig
-        from pmvis.platform.training import merge_values
+        from pmvis.core.config import merge_values
 
         values = merge_values({"model": ModelConfig(num_classes=5).model_dump(mode="json"),
                                "data": {"data_dir": str(data)}}, common)

@@ -257,13 +257,13 @@ def test_out_may_not_overwrite_dataset_files_or_be_unwritable(tiny_ytvis, tmp_pa
 
 
 def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_path):
-    from pmvis.jobs.predict import parse_overrides
+    from pmvis.core.config import parse_dotlist
     from pmvis.jobs.pseudo_masks import parse_options
     from pmvis.platform.pseudo.generate import _read_manifest
     from pmvis.platform.data.synthetic import write_coco_stills
 
     with pytest.raises(PmvisError, match=r"--set .*aliases"):
-        parse_overrides(["a=[&x 1, *x]"])
+        parse_dotlist(["a=[&x 1, *x]"])
     with pytest.raises(PmvisError, match=r"--option .*aliases"):
         parse_options(["grabcut.iterations=[&x 1, *x]"])
     (tmp_path / "manifest.json").write_bytes(b'{"sources": "\xff"}')

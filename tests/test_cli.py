@@ -53,7 +53,7 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
     naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
     from pmvis.jobs.demo import train_side_by_side
     from pmvis.core.errors import PmvisError
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
 
     from mlflow.tracking import MlflowClient
 

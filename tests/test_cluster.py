@@ -245,7 +245,8 @@ def _check_sweep_outputs(sweep_dir: Path) -> None:
     """A finished sweep's files: every trial done, and the best trial's config is a `pmvis train`
     config (its trial's pseudo file, its knobs) that passes train's checks before Ray."""
     from pmvis.core.config import load_config
-    from pmvis.platform.training import TrainConfig, preflight
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.platform.train.driver import preflight
 
     results = json.loads((sweep_dir / "results.json").read_text())
     assert len(results["trials"]) == DEMO_TEST_TRIALS and results["space"].endswith("demo.yaml")

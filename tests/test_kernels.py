@@ -1,4 +1,4 @@
-"""Loss kernels against naive references written here from the definitions (DESIGN.md §4.1, §4.2).
+"""Loss kernels against naive references written here from the definitions (docs/design.md §4.1, §4.2).
 
 The references loop explicitly over pixels, offsets, patch entries and instances in float64 numpy;
 the kernels must match them to 1e-9. Sizes are tiny so the loops stay fast.

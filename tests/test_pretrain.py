@@ -142,7 +142,7 @@ def test_the_shipped_start_fits_the_tiny_preset_it_was_trained_with(tmp_path):
     without that, every older checkpoint and the demo's start would be refused."""
     from pmvis.models.vis.checkpoint import check_compatible, load_model, read_checkpoint
     from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
 
     path = shipped_weights(TINY_PRETRAINED)
     check_compatible(read_checkpoint(path), TrainConfig.tiny(tmp_path).model)

@@ -18,12 +18,12 @@ from pmvis.core.errors import PmvisError
 from pmvis.platform.tune.search_spaces import (
     KNOB_ROOTS,
     SearchSpace,
-    apply_knobs,
     base_config,
     check_knob_path,
     list_spaces,
     load_space,
 )
+from pmvis.core.config import apply_dotted
 
 SHIPPED = ("mask_sources", "filters", "tk_loss", "pmvis", "demo")
 MODELS = {"fuse": FuseConfig, "filter": FilterConfig, "loss": LossConfig}
@@ -48,7 +48,7 @@ def test_shipped_space_samples_build_valid_configs(name):
     for _ in range(20):
         knobs = space.sample(rng)
         assert set(knobs) == set(space.knobs)
-        applied = apply_knobs(base, knobs)
+        applied = apply_dotted(base, knobs)
         models = {root: build_config(cls, applied[root], source=f"{name} sample") for root, cls in MODELS.items()}
         for path, value in knobs.items():  # every sampled value landed in its model
             root, *rest = path.split(".")
@@ -195,12 +195,12 @@ def test_check_knob_path_walks_models_and_dicts():
 
 def test_apply_knobs_sets_paths_without_touching_base():
     base = {"fuse": FuseConfig().model_dump(), "x": 1}
-    out = apply_knobs(base, {"fuse.source_weights.hqsam": 1.7, "fuse.mode": "vote", "loss.tk": True})
+    out = apply_dotted(base, {"fuse.source_weights.hqsam": 1.7, "fuse.mode": "vote", "loss.tk": True})
     assert out["fuse"]["source_weights"] == {"hqsam": 1.7, "track": 1.0, "boxinst": 1.0, "grabcut": 0.5}
     assert out["fuse"]["mode"] == "vote" and out["loss"] == {"tk": True} and out["x"] == 1
     assert base["fuse"]["source_weights"]["hqsam"] == 1.0 and "loss" not in base
     with pytest.raises(PmvisError, match="'x' is a int"):
-        apply_knobs(base, {"x.y": 2})
+        apply_dotted(base, {"x.y": 2})
 
 
 def test_knob_roots_can_be_extended(tmp_path, monkeypatch):

@@ -138,7 +138,7 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
     assert second.rows[0].ap is not None and second.rows[0].iteration == 4
     assert second.best_config_path is not None
     # The training resumed from its checkpoint (same Train run), not from scratch.
-    from pmvis.platform.training import read_checkpoint_meta, latest_checkpoint
+    from pmvis.platform.train.checkpoints import read_checkpoint_meta, latest_checkpoint
 
     run_dir = tmp_path / "sweeps" / "sw" / "pmvis_trials" / trial_id / "train"
     assert read_checkpoint_meta(latest_checkpoint(run_dir))["iteration"] == 4

@@ -11,9 +11,10 @@ import torch
 
 from pmvis.core.errors import PmvisError
 from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.training import (
-    TrainConfig, TrainingLoop, latest_checkpoint, restore_training_state, run_training,
-)
+from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.train.loop import TrainingLoop, restore_training_state
+from pmvis.platform.train.checkpoints import latest_checkpoint
+from pmvis.platform.train.driver import run_training
 from pmvis.platform.data.vis_data import ClipSampler, DataConfig, load_training_data, split_videos
 from pmvis.platform.data.ytvis import load_dataset_dir, save_ytvis
 
@@ -207,7 +208,7 @@ def test_checkpoint_of_another_model_config_is_refused(data_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_detected_before_the_step(data_dir):
-    from pmvis.platform.training import NonFiniteLoss
+    from pmvis.platform.train.loop import NonFiniteLoss
 
     loop = TrainingLoop(tiny(data_dir, debug={"nan_at_iteration": 1}, data={"prefetch": False}))
     loop.step(0)
@@ -313,7 +314,7 @@ def test_two_workers_train_checkpoint_log_then_resume_with_the_same_name(ray_ses
 
 
 def test_a_gpu_request_on_a_cpu_cluster_is_refused_up_front(ray_session, data_dir):
-    from pmvis.platform.training import check_resources
+    from pmvis.platform.train.driver import check_resources
 
     check_resources(tiny(data_dir, num_workers=2))
     with pytest.raises(PmvisError, match="no GPU"):

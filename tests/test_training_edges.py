@@ -16,10 +16,16 @@ import pytest
 
 from pmvis.core.errors import PmvisError
 from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.training import (
-    CHECKPOINT_META, TrainConfig, TrainingLoop, checkpoint_dir_name, latest_checkpoint, preflight,
-    read_checkpoint_meta, run_dir_of, run_lock, write_checkpoint_dir,
+from pmvis.platform.train.checkpoints import (
+    CHECKPOINT_META,
+    checkpoint_dir_name,
+    latest_checkpoint,
+    read_checkpoint_meta,
+    write_checkpoint_dir,
 )
+from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.train.loop import TrainingLoop
+from pmvis.platform.train.driver import preflight, run_dir_of, run_lock
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,7 +76,7 @@ def test_a_truncated_or_modified_checkpoint_is_skipped_for_the_previous_one(loop
     pt = ten / "checkpoint.pt"
     data = pt.read_bytes()
     pt.write_bytes(data[: len(data) // 3])  # the copy into storage cut short (a full disk)
-    with caplog.at_level(logging.WARNING, logger="pmvis.platform.training"):
+    with caplog.at_level(logging.WARNING, logger="pmvis.platform.train.checkpoints"):
         assert latest_checkpoint(tmp_path) == str(five)
     assert "incomplete copy" in caplog.text and str(ten) in caplog.text
     flipped = bytearray(data)
@@ -151,7 +157,7 @@ FLOCK = textwrap.dedent("""
 
 
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_holds_the_lock(tmp_path):
-    from pmvis.platform.training import RUN_LOCK_FILENAME
+    from pmvis.platform.train.driver import RUN_LOCK_FILENAME
 
     run_dir = tmp_path / "run"
     lock = str(run_dir / RUN_LOCK_FILENAME)
@@ -181,7 +187,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_holds_the_lock
 def test_an_interrupted_run_says_where_it_resumes_and_exits_130(data_dir, loop, tmp_path, capsys, monkeypatch):
     import pmvis.jobs.train as train_job
     from pmvis.cli import EXIT_INTERRUPTED, main
-    from pmvis.platform.training import TrainingInterrupted, _interrupted_message
+    from pmvis.platform.train.driver import TrainingInterrupted, _interrupted_message
 
     cfg = cfg_for(data_dir, tmp_path)
     write_run(loop, tmp_path / "runs" / "edge")
@@ -198,7 +204,7 @@ def test_an_interrupted_run_says_where_it_resumes_and_exits_130(data_dir, loop, 
 
 
 def test_temporary_checkpoints_of_dead_workers_are_removed(tmp_path):
-    from pmvis.platform.training import TEMP_CHECKPOINT_PREFIX, remove_stale_temp_checkpoints
+    from pmvis.platform.train.checkpoints import TEMP_CHECKPOINT_PREFIX, remove_stale_temp_checkpoints
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -237,22 +243,22 @@ def test_bad_knobs_are_config_errors(data_dir, override, where):
 def test_the_final_checkpoint_is_the_newest_complete_one(loop, tmp_path, caplog):
     from types import SimpleNamespace
 
-    from pmvis.platform.training import _final_checkpoint
+    from pmvis.platform.train.checkpoints import final_checkpoint
 
     five, ten = write_run(loop, tmp_path)
     pt = ten / "checkpoint.pt"
     pt.write_bytes(pt.read_bytes()[:100])
     reported = SimpleNamespace(checkpoint=SimpleNamespace(path=str(ten)))  # what Ray's Result says
-    with caplog.at_level(logging.WARNING, logger="pmvis.platform.training"):
-        assert _final_checkpoint(str(tmp_path), reported) == str(five)
+    with caplog.at_level(logging.WARNING, logger="pmvis.platform.train.checkpoints"):
+        assert final_checkpoint(str(tmp_path), reported) == str(five)
     assert f"the last reported checkpoint {ten} is not complete" in caplog.text
     # a finished run started again without Ray's snapshot: Ray reports no checkpoint at all
-    assert _final_checkpoint(str(tmp_path), SimpleNamespace(checkpoint=None)) == str(five)
+    assert final_checkpoint(str(tmp_path), SimpleNamespace(checkpoint=None)) == str(five)
 
 
 def test_lr_mults_give_named_parameter_groups_their_own_lr(data_dir):
     from pmvis.models.vis import build_model
-    from pmvis.platform.training import build_optimizer
+    from pmvis.platform.train.loop import build_optimizer
 
     cfg = TrainConfig.tiny(data_dir, lr=1e-4, backbone_lr_mult=0.5,
                            lr_mults={"mask_branch.": 10, "mask_branch.out.": 0, "controller.": 3})

@@ -95,18 +95,18 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from pmvis.platform.predict import annotations_as_results, filled_box_results
-    from pmvis.platform.pseudo.filters import filter_annotations
-    from pmvis.platform.pseudo.fuse import fuse_annotations
     from pmvis.platform.cluster import connect
     from pmvis.core.config import build_config
     from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
     from pmvis.core.io import write_json_atomic, write_text_atomic
     from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
-    from pmvis.platform.pseudo.store import read_raw
+    from pmvis.platform.pseudo.refine import refine
+    from pmvis.platform.pseudo.store import RAW_DIRNAME
     from pmvis.platform.report import ReportConfig, build_report, format_report
     from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
     from pmvis.platform.experiments import default_tracking_uri
-    from pmvis.platform.training import TrainConfig, run_training
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.platform.train.driver import run_training
     from pmvis.platform.data.ytvis import load_ytvis, save_results, save_ytvis
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
 
@@ -177,11 +177,10 @@ def run(args: argparse.Namespace) -> int:
 
     steps.start("fusion (DOOB, SCM, SHQM) and ground-truth filters (RIA, Missing-Data)")
     filter_cfg = filter_config(options["track"])
-    tracks = read_raw(pm_dir / "raw")
-    fused = fuse_annotations(annotations, tracks, filter_cfg.fuse)
-    save_ytvis(fused, out / "train_pseudo.json")
-    cleaned, findings = filter_annotations(annotations, tracks, filter_cfg)
-    save_ytvis(cleaned, out / "train_clean.json")
+    refined = refine(pm_dir / RAW_DIRNAME, annotations, fuse=filter_cfg.fuse, filt=filter_cfg)
+    save_ytvis(refined.fused, out / "train_pseudo.json")
+    save_ytvis(refined.cleaned, out / "train_clean.json")
+    findings = refined.filter_report
     write_json_atomic(out / "train_clean.report.json", findings, indent=2)
     print(f"      {out / 'train_pseudo.json'} (fused pseudo masks), {out / 'train_clean.json'} "
           f"({len(findings)} entries flagged)")
@@ -274,7 +273,7 @@ def train_side_by_side(configs: list[Any]) -> list[Any]:
     import ray
 
     from pmvis.platform.experiments import ensure_experiment
-    from pmvis.platform.training import resolve_config, run_training
+    from pmvis.platform.train.driver import resolve_config, run_training
 
     configs = [resolve_config(c) for c in configs]
     for uri, experiment in dict.fromkeys((c.tracking_uri, c.experiment) for c in configs):

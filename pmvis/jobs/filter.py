@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.jobs.fuse import config_path_for
-    from pmvis.platform.pseudo.filters import REPORT_KINDS, FilterConfig, filter_annotations
-    from pmvis.platform.pseudo.store import read_raw, resolve_raw_dir
+    from pmvis.platform.pseudo.filters import REPORT_KINDS, FilterConfig
+    from pmvis.platform.pseudo.refine import refine
+    from pmvis.platform.pseudo.store import resolve_raw_dir
     from pmvis.core.config import dump_config, load_config
     from pmvis.core.errors import PmvisError
     from pmvis.core.io import write_json_atomic, write_text_atomic
@@ -42,15 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise PmvisError(f"{report_path}: the report path must differ from --out and {config_file}")
     check_output_for_dataset(report_path, dataset, flag="--report")
     check_output_for_dataset(config_file, dataset, flag="--out's config file")
-    raw_dir = resolve_raw_dir(args.raw)
-    # Read only the sources the enabled filters use (None: every source in the store).
-    sources: list[str] | None = []
-    if config.ria:
-        sources = None if config.fuse.sources is None else list(config.fuse.sources)
-    if config.missing and sources is not None:
-        sources += config.missing_sources
-    tracks = read_raw(raw_dir, sources=sources or None)
-    clean, report = filter_annotations(dataset, tracks, config)
+    refined = refine(resolve_raw_dir(args.raw), dataset, filt=config)
+    clean, report = refined.cleaned, refined.filter_report
     save_ytvis(clean, args.out)
     write_json_atomic(report_path, report, indent=1)
     write_text_atomic(config_file, dump_config(config))

@@ -32,8 +32,8 @@ def config_path_for(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.models.fusion import FuseConfig
-    from pmvis.platform.pseudo.fuse import fuse_with_stats
-    from pmvis.platform.pseudo.store import read_raw, resolve_raw_dir
+    from pmvis.platform.pseudo.refine import refine
+    from pmvis.platform.pseudo.store import resolve_raw_dir
     from pmvis.core.config import dump_config, load_config
     from pmvis.core.io import write_text_atomic
     from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset_dir(args.data, args.annotations)
     check_output_for_dataset(args.out, dataset)
     check_output_for_dataset(config_path_for(args.out), dataset, flag="--out's config file")
-    raw_dir = resolve_raw_dir(args.raw)
-    tracks = read_raw(raw_dir, sources=config.sources)
-    fused, s = fuse_with_stats(dataset, tracks, config)
+    refined = refine(resolve_raw_dir(args.raw), dataset, fuse=config)
+    fused, s = refined.fused, refined.fuse_stats
     save_ytvis(fused, args.out)
     config_file = config_path_for(args.out)
     write_text_atomic(config_file, dump_config(config))

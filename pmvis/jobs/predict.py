@@ -1,6 +1,6 @@
 """Run a trained VIS checkpoint on a dataset's videos and write YouTube-VIS results.
 
-Online inference (DESIGN.md §4.3): chunks of 10 frames through the model, score > 0.1, box NMS
+Online inference (docs/design.md §4.3): chunks of 10 frames through the model, score > 0.1, box NMS
 0.9 then mask NMS 0.5, memory-bank tracking (bi-softmax association > 0.5, new track above 0.2,
 drop after 10 missed frames). One result per track: per-frame RLE masks at the original frame
 size, category from the checkpoint's recorded category_ids, score = mean per-frame class score.
@@ -33,22 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """['chunk_size=5', 'test_short_side=null'] -> {'chunk_size': 5, 'test_short_side': None}."""
-    from pmvis.core.config import safe_load_yaml
-
-    from pmvis.core.errors import PmvisError
-
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise PmvisError(f"--set {item!r}: expected KEY=VALUE")
-        out[key] = safe_load_yaml(value, f"--set {item!r}")
-    return out
-
-
 def parse_video_ids(text: str | None) -> list[int] | None:
     from pmvis.core.errors import PmvisError
 
@@ -63,27 +47,16 @@ def parse_video_ids(text: str | None) -> list[int] | None:
     return ids
 
 
-def _subset(dataset, video_ids: list[int]):
-    """The dataset restricted to ``video_ids`` (so evaluation ignores the videos not predicted)."""
-    from pmvis.platform.data.ytvis import YTVISDataset
-
-    keep = set(video_ids)
-    return YTVISDataset(videos={v: dataset.videos[v] for v in video_ids},
-                        annotations=[a for a in dataset.annotations if a.video_id in keep],
-                        categories=dataset.categories, path=dataset.path, frames_root=dataset.frames_root,
-                        info=dataset.info)
-
-
 def run(args: argparse.Namespace) -> int:
     import time
 
     from pmvis.models.vis.inference import InferenceConfig, load_inference_model
     from pmvis.platform.predict import predict_dataset, resolve_category_ids
-    from pmvis.core.config import build_config, load_config
+    from pmvis.core.config import build_config, load_config, parse_dotlist
     from pmvis.core.errors import PmvisError
     from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_results
 
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_dotlist(args.overrides)
     if args.device is not None:
         overrides["device"] = args.device
     # --set values go through build_config, not load_config's overrides: those skip None, and
@@ -112,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
 
-        gt = dataset if video_ids is None else _subset(dataset, video_ids)
+        gt = dataset if video_ids is None else dataset.subset(video_ids)
         print(format_metrics_table(evaluate_ytvis(gt, results), title=f"{args.out} vs {dataset.path}"))
     return 0

@@ -68,7 +68,8 @@ def pretrain_config(args: argparse.Namespace, data_dir: Path, annotations: str, 
     """The TrainConfig of a pretraining run: data.format coco on top of the preset, then the
     user's --config and --set."""
     from pmvis.jobs.train import build_train_config
-    from pmvis.platform.training import TrainConfig, merge_values
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.core.config import merge_values
 
     from pmvis.platform.experiments import default_tracking_uri
 
@@ -103,7 +104,7 @@ def run_pretrain(args: argparse.Namespace) -> Any:
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, export_weights
     from pmvis.platform.cluster import connect
     from pmvis.core.errors import PmvisError
-    from pmvis.platform.training import preflight, run_dir_of, run_lock, run_training
+    from pmvis.platform.train.driver import preflight, run_dir_of, run_lock, run_training
 
     if args.synthetic is not None:
         if args.synthetic < 1:

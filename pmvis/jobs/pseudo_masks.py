@@ -40,18 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_options(items: list[str]) -> dict[str, dict]:
     """['hqsam.model_type=vit_b', ...] -> {'hqsam': {'model_type': 'vit_b'}} (values as YAML)."""
-    from pmvis.core.config import safe_load_yaml
-
+    from pmvis.core.config import parse_dotlist
     from pmvis.core.errors import PmvisError
 
-    out: dict[str, dict] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        source, dot, knob = key.partition(".")
-        if not sep or not dot or not source or not knob:
+        source, dot, knob = item.partition("=")[0].partition(".")
+        if "=" not in item or not dot or not source.strip() or not knob.strip():
             raise PmvisError(f"--option {item!r}: expected SOURCE.KEY=VALUE")
-        out.setdefault(source, {})[knob] = safe_load_yaml(value, f"--option {item!r}")
-    return out
+    return parse_dotlist(items, flag="--option")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,10 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_sweep_config(args: argparse.Namespace):
-    from pmvis.jobs.train import parse_overrides
+    from pmvis.core.config import parse_dotlist
     from pmvis.platform.tune.sweep import SweepConfig, split_overrides
 
-    train, fuse, filt = split_overrides(parse_overrides(args.overrides))
+    train, fuse, filt = split_overrides(parse_dotlist(args.overrides))
     return SweepConfig(space=args.space, data_dir=str(args.data), raw=str(args.raw), name=args.name,
                        storage_path=str(args.storage), samples=args.samples, search=args.search,
                        scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial, iterations=args.iterations,

@@ -1,6 +1,6 @@
 """Train the VIS model (IDOL-BoxInst / PM-VIS, optional TK-Loss) on Ray Train, logging to MLflow.
 
-The config is a TrainConfig (pmvis/platform/training.py): sections model:, loss:, data: (at least
+The config is a TrainConfig (pmvis/platform/train/config.py): sections model:, loss:, data: (at least
 data.data_dir) plus the run knobs. --preset tiny starts from the CPU-sized preset for the synthetic
 data; --config CFG.yaml is merged on top, then every --set KEY=VALUE (dotted keys into the nested
 config, values parsed as YAML: --set model.hidden_dim=64 --set iterations=200 --set
@@ -28,57 +28,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster: auto (RAY_ADDRESS / a running cluster / else local), local, or an address")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    from pmvis.core.errors import PmvisError
-    from pmvis.platform.training import set_dotted
-
-    values: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise PmvisError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise PmvisError(f"--set {item!r}: value is not valid YAML: {e}") from None
-        set_dotted(values, key.strip(), value)
-    return values
-
-
 def build_train_config(config_path: Path | None, overrides: list[str], preset: str = "paper", *,
                        base: dict | None = None):
     """The TrainConfig of a command: the preset's values (or ``base``, a command's own starting
     values), then the --config file, then every --set."""
-    import yaml
-
-    from pmvis.core.config import build_config
+    from pmvis.core.config import build_config, merge_values, parse_dotlist, read_config_values
     from pmvis.core.errors import PmvisError
-    from pmvis.platform.training import TrainConfig, merge_values
+    from pmvis.platform.train.config import TrainConfig
 
-    values: dict = {}
-    source = "config"
-    if config_path is not None:
-        source = str(config_path)
-        try:
-            loaded = yaml.safe_load(Path(config_path).read_text())
-        except OSError as e:
-            raise PmvisError(f"{config_path}: cannot read config: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise PmvisError(f"{config_path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise PmvisError(f"{config_path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        values = loaded or {}
-    values = merge_values(values, parse_overrides(overrides))
+    source = "config" if config_path is None else str(config_path)
+    values = {} if config_path is None else read_config_values(config_path)
+    values = merge_values(values, parse_dotlist(overrides))
     if base is not None:
         values = merge_values(base, values)
     elif preset == "tiny":
         data_dir = (values.get("data") or {}).get("data_dir")
         if not data_dir:
             raise PmvisError(f"{source}: data.data_dir is required (e.g. --set data.data_dir=DIR)")
-        base = TrainConfig.tiny(data_dir).model_dump(mode="json")
-        values = merge_values(base, values)
+        values = merge_values(TrainConfig.tiny(data_dir).model_dump(mode="json"), values)
     if not (values.get("data") or {}).get("data_dir"):
         raise PmvisError(f"{source}: data.data_dir is required (e.g. --set data.data_dir=DIR)")
     return build_config(TrainConfig, values, source=source)
@@ -116,7 +83,7 @@ def format_result(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
-    from pmvis.platform.training import preflight, run_dir_of, run_lock, run_training
+    from pmvis.platform.train.driver import preflight, run_dir_of, run_lock, run_training
 
     cfg = build_train_config(args.config, args.overrides, args.preset)
     cfg, _ = preflight(cfg)  # bad data or an incompatible checkpoint: fail before Ray starts

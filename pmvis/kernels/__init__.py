@@ -1,7 +1,7 @@
 """Loss and mask kernels (torch reference paths and fused GPU paths) and the evaluator's RLE kernels.
 
 * :func:`rgb_to_lab` — sRGB → CIE LAB (D65, 2°) on the device, as skimage's ``rgb2lab``.
-* :func:`projection_loss`, :func:`pairwise_loss`, :func:`warmup_factor` — BoxInst (DESIGN §4.1).
+* :func:`projection_loss`, :func:`pairwise_loss`, :func:`warmup_factor` — BoxInst (docs/design.md §4.1).
 * :func:`tk_affinity`, :func:`tk_loss`, :class:`TKAffinity` — TK-Loss with once-per-clip matches (§4.2).
 * :func:`pseudo_mask_loss` — PM-VIS focal + dice supervision by pseudo masks.
 * :mod:`pmvis.kernels.rle` — compressed-RLE parsing and run-walk intersections (numba, no torch).

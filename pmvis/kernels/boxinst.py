@@ -1,4 +1,4 @@
-"""BoxInst losses (DESIGN.md §4.1, AdelaiDet defaults): box projection and colour-affinity pairwise.
+"""BoxInst losses (docs/design.md §4.1, AdelaiDet defaults): box projection and colour-affinity pairwise.
 
 Pairwise: the reference unfolds (N, 8, H, W) log-probabilities and keeps ~8 such intermediates per
 call for autograd. Here each instance's edges are evaluated only inside its box's extent (edges

@@ -1,4 +1,4 @@
-"""TK-Loss (MaskFreeVIS, DESIGN.md §4.2): temporal KNN-patch matches once per clip, loss per layer.
+"""TK-Loss (MaskFreeVIS, docs/design.md §4.2): temporal KNN-patch matches once per clip, loss per layer.
 
 The matches depend only on the images, so :func:`tk_affinity` finds them once per clip (no
 gradients) and stores just the kept matches — O(pairs·K·H·W) — and :func:`tk_loss` evaluates the

@@ -1,7 +1,7 @@
 """PM-VIS optimisation mechanisms (DOOB, SCM, SHQM, weighted vote) and pseudo-mask fusion.
 
 The paper names the mechanisms but did not publish their exact definitions; these are ours
-(DESIGN.md §4.4) and every threshold is a knob of :class:`FuseConfig`. For one annotation and one
+(docs/design.md §4.4) and every threshold is a knob of :class:`FuseConfig`. For one annotation and one
 frame where the ground truth has a box, each source's mask goes through, in this order:
 
 1. **DOOB** (delete out-of-box, ``doob``): pixels outside the GT box are zeroed. A pixel is kept

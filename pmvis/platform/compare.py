@@ -22,7 +22,7 @@ from pmvis.platform.experiments import DB_NAME, DEFAULT_STORE_DIR
 
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."
-EVAL_PREFIX = "eval_"  # held-out metrics of training runs (pmvis.platform.training)
+EVAL_PREFIX = "eval_"  # held-out metrics of training runs (pmvis.platform.train)
 RUN_NAME_TAG = "tags.mlflow.runName"
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"

@@ -285,11 +285,6 @@ def _percent(value: float) -> float | None:
     return None if value == -1 else 100.0 * value
 
 
-def video_track_ious(dt_tracks: Sequence[Sequence[Rle | None]], gt_tracks: Sequence[Sequence[Rle | None]]) -> np.ndarray:
-    """Spatio-temporal IoU matrix (nd, ng) of one video's detections and ground truths."""
-    return spatio_temporal_iou(*track_intersections(dt_tracks, gt_tracks))
-
-
 def _pair_ious(d: _Tracks, g: _Tracks, pairs: np.ndarray, *, prune: bool) -> np.ndarray:
     """IoU of each (detection, ground truth) pair; with ``prune``, pairs whose upper bound is
     below ``PRUNE_BELOW`` are 0 without walking their masks (no metric can tell)."""

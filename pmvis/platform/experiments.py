@@ -1,4 +1,4 @@
-"""MLflow tracking: one place that decides where runs go and how a config becomes params.
+"""MLflow, in one module: where runs go, how a config becomes params, the training run's record.
 
 Locally runs go to a sqlite store (MLflow 3.13+ refuses the ./mlruns file store) with artifacts
 on files beside it; on a cluster set MLFLOW_TRACKING_URI (or --tracking-uri) to the MLflow
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -90,3 +91,74 @@ def mlflow_run(
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
+
+
+class MetricsLogger:
+    """Metrics from rank 0 into the run the driver opened (a no-op without a run id)."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.run_id = run_id
+        self.client = None
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None]
+        for i in range(0, len(items), 500):
+            try:
+                self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+            except Exception as e:  # tracking must never kill a training run
+                logger.warning("MLflow logging failed at iteration %d: %s", step, e)
+                return
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            try:
+                self.client.set_tag(self.run_id, key, value)
+            except Exception as e:
+                logger.warning("MLflow tag failed: %s", e)
+
+
+def open_run(cfg: Any, run_dir: str, resume_meta: Mapping[str, Any] | None) -> str:
+    """The MLflow run of a training run (its config as params): on resume the checkpoint's run,
+    re-opened, with the params that changed noted in a tag; else a new run."""
+    from mlflow.entities import Param, RunStatus
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.tracking_uri
+    client = MlflowClient(uri)
+    params = flatten_params(cfg.model_dump(mode="json"))
+    run_id = None
+    if resume_meta and resume_meta.get("mlflow_run_id") and resume_meta.get("tracking_uri") == uri:
+        try:
+            run = client.get_run(resume_meta["mlflow_run_id"])
+            run_id = run.info.run_id
+        except MlflowException:
+            logger.warning("MLflow run %s of the checkpoint is gone: starting a new one", resume_meta["mlflow_run_id"])
+    if run_id is not None:
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        logged = run.data.params
+        new = {k: v for k, v in params.items() if k not in logged}
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        if changed:
+            client.set_tag(run_id, "pmvis.resume_changed_params", ", ".join(changed)[:5000])
+        params = new
+        client.set_tag(run_id, "pmvis.resumed_at", str(resume_meta.get("iteration")))
+    else:
+        experiment_id = ensure_experiment(cfg.experiment, uri)
+        run = client.create_run(experiment_id, run_name=cfg.run_name,
+                                tags={"pmvis.command": "train", "pmvis.run_dir": run_dir})
+        run_id = run.info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow: at most 100 params per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id

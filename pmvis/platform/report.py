@@ -19,7 +19,7 @@ from pmvis.core.config import StrictConfig, dump_config
 from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
 from pmvis.core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
-from pmvis.platform.pseudo.store import RAW_DIRNAME, RawTrack, read_raw
+from pmvis.platform.pseudo.store import RAW_DIRNAME
 from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset, load_dataset_dir, load_ytvis
 from pmvis.core.masks import decode_mask
 
@@ -179,15 +179,14 @@ def build_report(
 ) -> dict[str, Any]:
     """Compute the report, write ``out_dir/report.json`` and PNGs, log one MLflow run; return it."""
     from pmvis.platform.predict import filled_box_results
-    from pmvis.platform.pseudo.filters import filter_annotations
-    from pmvis.platform.pseudo.fuse import fuse_annotations
+    from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.experiments import mlflow_run
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     gt = load_dataset_dir(data_dir, annotations)
-    tracks: list[RawTrack] = read_raw(Path(pseudo_dir) / RAW_DIRNAME)
-    fused = fuse_annotations(gt, tracks, config.filter.fuse)
-    cleaned, filter_report = filter_annotations(gt, tracks, config.filter)
+    refined = refine(Path(pseudo_dir) / RAW_DIRNAME, gt, fuse=config.filter.fuse, filt=config.filter,
+                     read_all=True)  # every source: the report shows each one
+    tracks, fused, filter_report = refined.tracks, refined.fused, refined.filter_report
 
     masks: dict[str, dict[int, list]] = {}
     for t in tracks:

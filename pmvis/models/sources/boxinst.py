@@ -1,4 +1,4 @@
-"""Box-supervised VIS model pseudo masks (DESIGN.md §4.4): a pmvis-trained IDOL-BoxInst checkpoint
+"""Box-supervised VIS model pseudo masks (docs/design.md §4.4): a pmvis-trained IDOL-BoxInst checkpoint
 run on the training videos, its predictions matched to the ground-truth boxes.
 
 Per video: :func:`pmvis.models.vis.inference.predict_video` (online tracking; the

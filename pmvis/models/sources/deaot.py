@@ -8,7 +8,7 @@ to its weights (e.g. ``R50_DeAOTL_PRE_YTB_DAV.pth``) with ``deaot_checkpoint``. 
     export PMVIS_DEAOT_ROOT=/opt/aot-benchmark
     pmvis pseudo-masks ... --sources hqsam,track   # with  track: {engine: deaot, deaot_checkpoint: ...}
 
-The adapter uses the engine API of the checkout (DESIGN.md §4.4): ``build_vos_model``,
+The adapter uses the engine API of the checkout (docs/design.md §4.4): ``build_vos_model``,
 ``build_engine(..., phase='eval')``, ``restart_engine``, ``add_reference_frame(img, label,
 frame_step=0, obj_nums=[n])``, ``match_propogate_one_frame``, ``decode_current_logits``,
 ``update_memory``; the config is the checkout's ``configs.default.DefaultEngineConfig`` for the

@@ -1,4 +1,4 @@
-"""GrabCut pseudo masks (DESIGN.md §4.4, ours): OpenCV GrabCut initialised from each ground-truth box.
+"""GrabCut pseudo masks (docs/design.md §4.4, ours): OpenCV GrabCut initialised from each ground-truth box.
 
 The classic weight-free baseline of box-supervised segmentation ("Simple Does It"). For every
 annotation and every frame with a box, ``cv2.grabCut`` runs in ``GC_INIT_WITH_RECT`` mode: pixels

@@ -1,4 +1,4 @@
-"""HQ-SAM pseudo masks (DESIGN.md §4.4): every ground-truth box prompts HQ-SAM on its frame.
+"""HQ-SAM pseudo masks (docs/design.md §4.4): every ground-truth box prompts HQ-SAM on its frame.
 
 Per frame with at least one box: ONE image embedding (``SamPredictor.set_image``), then ALL of the
 frame's boxes decoded in ONE batched ``predict_torch`` call (``multimask_output=False``,

@@ -1,4 +1,4 @@
-"""Track pseudo masks (PM-VIS, DESIGN.md §4.4): propagate each instance's best mask through its video.
+"""Track pseudo masks (PM-VIS, docs/design.md §4.4): propagate each instance's best mask through its video.
 
 For every annotation:
 

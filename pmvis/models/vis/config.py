@@ -1,6 +1,6 @@
 """Every knob of the VIS model (:class:`ModelConfig`) and of its losses (:class:`LossConfig`).
 
-Defaults are the paper's (DESIGN.md §4.3 IDOL R50 / IDOL-BoxInst, §4.2 TK-Loss, §4.4 PM-VIS);
+Defaults are the paper's (docs/design.md §4.3 IDOL R50 / IDOL-BoxInst, §4.2 TK-Loss, §4.4 PM-VIS);
 :meth:`ModelConfig.tiny` is a CPU-sized preset for tests and the demo.
 """
 
@@ -134,7 +134,7 @@ class LossConfig(StrictConfig):
     focal_gamma: float = 2.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
-    # --- SimOTA dynamic-k matcher (DESIGN §4.3: focal-class + 3·(−GIoU) + 100·(not in box ∩ centre))
+    # --- SimOTA dynamic-k matcher (docs/design.md §4.3: focal-class + 3·(−GIoU) + 100·(not in box ∩ centre))
     match_class_cost: float = 1.0
     match_l1_cost: float = 0.0  # IDOL's configs also list L1 5 / class 2 / GIoU 2; set them here
     match_giou_cost: float = 3.0
@@ -142,7 +142,7 @@ class LossConfig(StrictConfig):
     match_outside_cost: float = 10000.0  # queries whose centre is in no GT box and no centre region
     match_topk: int = Field(10, ge=1)  # dynamic k = clamp(Σ top-k IoUs, min 1)
     center_radius: float = Field(2.5, gt=0.0)  # centre region: GT centre ± radius × GT (w, h)
-    # --- BoxInst (DESIGN §4.1)
+    # --- BoxInst (docs/design.md §4.1)
     projection_weight: float = 1.0
     pairwise_weight: float = 1.0
     pairwise_size: int = 3
@@ -150,7 +150,7 @@ class LossConfig(StrictConfig):
     pairwise_threshold: float = 0.3
     pairwise_warmup_iters: int = 10000
     bottom_pixels_removed: int = 10  # image rows ignored by the pairwise loss (AdelaiDet)
-    # --- mask focal / dice ("full": GT masks; "pmvis": pseudo masks, DESIGN §4.4)
+    # --- mask focal / dice ("full": GT masks; "pmvis": pseudo masks, docs/design.md §4.4)
     mask_focal_weight: float = 2.0
     mask_dice_weight: float = 5.0
     pseudo_focal_weight: float = 2.0
@@ -158,7 +158,7 @@ class LossConfig(StrictConfig):
     # True: weight each instance's pseudo-mask loss by its quality (pseudo_weights); False: weights
     # only switch it off (weight 0 = no pseudo mask for that instance).
     pseudo_quality_weighting: bool = False
-    # --- TK-Loss (MaskFreeVIS, DESIGN §4.2)
+    # --- TK-Loss (MaskFreeVIS, docs/design.md §4.2)
     tk: bool = False
     tk_weight: float = 0.5  # 0.1 × 5 per frame pair; the TK-Loss is the sum over pairs
     tk_patch_size: int = 3

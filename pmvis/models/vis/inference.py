@@ -1,4 +1,4 @@
-"""Online VIS inference with IDOL's memory-bank tracker (DESIGN.md §4.3).
+"""Online VIS inference with IDOL's memory-bank tracker (docs/design.md §4.3).
 
 A video is fed through the model in chunks of ``chunk_size`` frames (one batch of images per
 chunk); the frames are then tracked one after the other:
@@ -28,7 +28,7 @@ Output per track: per-frame masks at the ORIGINAL frame size (stride-4 logits bi
 RLE, per-frame boxes (the model's boxes, normalised by the unpadded input, as xyxy pixels of the
 original frame) and class probabilities. Its
 video-level class is the argmax of the mean per-frame class probabilities and its score that mean
-probability (DESIGN: video score = mean per-frame class score).
+probability (docs/design.md: video score = mean per-frame class score).
 
 Inputs are resized so that the short side is ``test_short_side`` (``None``: native size, the tiny
 demo) with the long side capped at ``test_max_size``, ImageNet-normalised, and zero-padded to a
@@ -59,7 +59,7 @@ log = logging.getLogger("pmvis.inference")
 
 
 class InferenceConfig(StrictConfig):
-    """Every knob of online inference (defaults: IDOL, DESIGN.md §4.3)."""
+    """Every knob of online inference (defaults: IDOL, docs/design.md §4.3)."""
 
     chunk_size: int = Field(10, ge=1, description="frames per model forward pass (one batch)")
     score_threshold: float = Field(0.1, ge=0.0, le=1.0, description="keep queries with max class prob > this")

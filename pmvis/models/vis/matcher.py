@@ -1,4 +1,4 @@
-"""SimOTA-style dynamic-k matcher (IDOL, DESIGN §4.3), run per image and decoder layer.
+"""SimOTA-style dynamic-k matcher (IDOL, docs/design.md §4.3), run per image and decoder layer.
 
 cost(q, g) = class_cost·focal(q, label_g) + l1_cost·‖box_q − box_g‖₁ + giou_cost·(−GIoU)
              + center_cost·[centre of q not in (box_g ∩ centre region_g)]

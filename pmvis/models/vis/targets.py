@@ -70,7 +70,7 @@ class FrameTargets:
 
 def lab_images(images: torch.Tensor, stride: int) -> torch.Tensor:
     """RGB ``(B, 3, H, W)`` in [0, 255] → LAB ``(B, 3, H/s, W/s)``: average-pooled by the stride,
-    then converted on the device (DESIGN §4.1)."""
+    then converted on the device (docs/design.md §4.1)."""
     pooled = F.avg_pool2d(images.float(), kernel_size=stride, stride=stride)
     return rgb_to_lab(pooled)
 

@@ -80,7 +80,7 @@ class DataConfig(StrictConfig):
     eval_annotations: str | None = None
     clip_frames: int = Field(2, ge=2)  # T: the key frame + T−1 reference frames
     reference_range: int = Field(10, ge=1)  # reference frames within ±range of the key frame (IDOL)
-    # Short side drawn uniformly from [lo, hi] per clip (DESIGN §4.3: 320–640); None: native size.
+    # Short side drawn uniformly from [lo, hi] per clip (docs/design.md §4.3: 320–640); None: native size.
     short_side: tuple[int, int] | None = (320, 640)
     max_size: int | None = Field(768, ge=32)  # cap on the long side after resizing (IDOL YTVIS: 768)
     size_divisibility: int = Field(32, ge=4)  # padded canvas multiple (a multiple of the mask stride)
@@ -145,18 +145,6 @@ class TrainingData:
     val_videos: list[int]
     eval_gt: YTVISDataset | None = None  # ground truth of the held-out videos (None: nothing held out)
 
-    @property
-    def num_categories(self) -> int:
-        return len(self.category_ids)
-
-
-def _subset(dataset: YTVISDataset, video_ids: Sequence[int]) -> YTVISDataset:
-    keep = set(video_ids)
-    return YTVISDataset(
-        videos={v: dataset.videos[v] for v in sorted(keep)},
-        annotations=[a for a in dataset.annotations if a.video_id in keep],
-        categories=dict(dataset.categories), path=dataset.path, frames_root=dataset.frames_root,
-        info=dict(dataset.info))
 
 
 def _check_pseudo(train: YTVISDataset, pseudo: YTVISDataset) -> dict[int, Annotation]:
@@ -223,7 +211,7 @@ def load_training_data(cfg: DataConfig, *, num_classes: int | None = None, need_
             if sorted(gt.categories) != category_ids:
                 raise PmvisError(f"{gt.path}: categories {sorted(gt.categories)} differ from the training file's "
                                  f"{category_ids}")
-        eval_gt = _subset(gt, val)
+        eval_gt = gt.subset(val)
     return TrainingData(dataset=dataset, pseudo=pseudo, category_ids=category_ids, train_videos=train,
                         val_videos=val, eval_gt=eval_gt)
 
@@ -289,9 +277,6 @@ class ClipBatch:
     flipped: list[bool]
     stride: int
 
-    @property
-    def num_clips(self) -> int:
-        return len(self.labels)
 
     @property
     def num_frames(self) -> int:

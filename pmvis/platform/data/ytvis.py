@@ -88,6 +88,15 @@ class YTVISDataset:
     frames_root: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def subset(self, video_ids: Iterable[int]) -> "YTVISDataset":
+        """These videos (in id order) and their annotations; categories, paths and info kept. An
+        evaluation of predictions for some videos scores against this, not the whole file."""
+        keep = set(video_ids)
+        return YTVISDataset(
+            videos={v: self.videos[v] for v in sorted(keep)},
+            annotations=[a for a in self.annotations if a.video_id in keep],
+            categories=dict(self.categories), path=self.path, frames_root=self.frames_root, info=dict(self.info))
+
     def annotations_by_video(self) -> dict[int, list[Annotation]]:
         out: dict[int, list[Annotation]] = {vid: [] for vid in self.videos}
         for ann in self.annotations:

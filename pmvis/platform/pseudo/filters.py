@@ -1,6 +1,6 @@
 """PM-VIS ground-truth filters: RIA (remove inaccurate annotations) and Missing-Data.
 
-Both compare the ground truth with the raw pseudo-mask store (DESIGN.md §4.4; thresholds are
+Both compare the ground truth with the raw pseudo-mask store (docs/design.md §4.4; thresholds are
 knobs of :class:`FilterConfig`) and produce a cleaned dataset for fully supervised training plus
 a report. Report entries are ``{video_id, annotation_id, frame, kind, reason, ...}`` with ``kind``
 ``"inaccurate"`` or ``"missing"``: the same kinds and keys as the ``defects.json`` that `pmvis

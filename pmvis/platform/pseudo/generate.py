@@ -49,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 from pydantic import ValidationError
 
-from pmvis.core.config import StrictConfig, dump_config
+from pmvis.core.config import StrictConfig
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import read_json, write_json_atomic
 from pmvis.platform.pseudo.store import (
@@ -635,5 +635,3 @@ def _cpu_runner(name: str, options_json: str, plugins: tuple, data_dir: str, ann
     return _SourceRunner(name, json.loads(options_json), list(plugins), data_dir, annotations)
 
 
-def describe_config(config: PseudoMaskConfig) -> str:
-    return dump_config(config)

@@ -22,11 +22,11 @@ applied to the model defaults and validated (coupled knobs of one model, e.g. ``
 set of joint samples must build valid configs.
 
 Use: ``space = load_space("tk_loss")``; ``Tuner(trainable, param_space=space.to_tune())``; in the
-trial, ``cfg = apply_knobs(base_config(), space.knobs_of(trial_config))`` then
+trial, ``cfg = apply_dotted(base_config(), space.knobs_of(trial_config))`` then
 ``space.validate(...)`` / ``build_config``. Without Tune, ``space.sample(rng)`` draws the flat
 ``{knob path: value}`` dict (a grid knob draws one of its values).
 
-``apply_knobs`` sets a key inside a dict-valued field and keeps the field's other keys, so apply
+``apply_dotted`` sets a key inside a dict-valued field and keeps the field's other keys, so apply
 onto the full defaults (:func:`base_config`): a partial dict given to a model *replaces* that
 field's default dict whole (e.g. FuseConfig's ``source_weights``).
 """
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping, Union
 
 from pydantic import BaseModel, ValidationError
 
-from pmvis.core.config import parse_yaml_mapping
+from pmvis.core.config import apply_dotted, parse_yaml_mapping
 from pmvis.core.io import read_text_utf8
 from pmvis.core.errors import PmvisError
 
@@ -150,27 +150,6 @@ def check_knob_path(path: str) -> tuple[str, type[BaseModel]]:
 
 
 # ----------------------------------------------------------------------------- applying knobs
-
-
-def apply_knobs(base: Mapping[str, Any], knobs: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of the nested config dict ``base`` with every dotted ``knobs`` path set.
-
-    Missing intermediate dicts are created; other keys are kept (also inside dict-valued fields).
-    """
-    out = copy.deepcopy(dict(base))
-    for path, value in knobs.items():
-        segments = path.split(".")
-        node: dict[str, Any] = out
-        for i, seg in enumerate(segments[:-1]):
-            child = node.get(seg)
-            if child is None:
-                child = node[seg] = {}
-            elif not isinstance(child, dict):
-                raise PmvisError(f"cannot set knob {path!r}: {'.'.join(segments[:i + 1])!r} is a "
-                                 f"{type(child).__name__}, not a mapping")
-            node = child
-        node[segments[-1]] = copy.deepcopy(value)
-    return out
 
 
 def base_config(roots: Iterable[str] | None = None) -> dict[str, Any]:
@@ -368,7 +347,7 @@ class SearchSpace:
         each touched root's model; a bad value raises PmvisError naming this space and the field."""
         roots = list(dict.fromkeys(p.split(".", 1)[0] for p in knobs))
         base = base if base is not None else base_config(roots)
-        return build_roots(apply_knobs(base, knobs), roots, source=self.source)
+        return build_roots(apply_dotted(base, knobs), roots, source=self.source)
 
     def describe(self) -> str:
         width = max((len(p) for p in self.knobs), default=0)
@@ -465,7 +444,7 @@ def _check_values(space: SearchSpace) -> None:
         for knob in knobs:
             others = [k for k in knobs if k is not knob]
             for value in knob.candidates():
-                applied = apply_knobs(defaults[root], {knob.path[prefix:]: value})
+                applied = apply_dotted(defaults[root], {knob.path[prefix:]: value})
                 errors = _errors_of(model, applied)
                 if not errors:
                     continue
@@ -478,7 +457,7 @@ def _check_values(space: SearchSpace) -> None:
                 for _ in range(_COUPLED_TRIES):
                     draw = {k.path[prefix:]: k.draw(rng) for k in others}
                     draw[knob.path[prefix:]] = value
-                    if not _errors_of(model, apply_knobs(defaults[root], draw)):
+                    if not _errors_of(model, apply_dotted(defaults[root], draw)):
                         break
                 else:
                     raise PmvisError(f"{space.source}: {knob.path}: value {value!r} is invalid for "
@@ -486,7 +465,7 @@ def _check_values(space: SearchSpace) -> None:
                                      f"{', '.join(k.path for k in others)}): {_format_errors(errors)}")
         for _ in range(_JOINT_SAMPLES):
             draw = {k.path[prefix:]: k.draw(rng) for k in knobs}
-            errors = _errors_of(model, apply_knobs(defaults[root], draw))
+            errors = _errors_of(model, apply_dotted(defaults[root], draw))
             if errors:
                 shown = ", ".join(f"{root}.{p}={v!r}" for p, v in draw.items())
                 raise PmvisError(f"{space.source}: the knobs {', '.join(k.path for k in knobs)} can draw an "

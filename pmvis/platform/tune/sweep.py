@@ -11,13 +11,13 @@ trial (:func:`trial_driver`, a Tune function trainable):
    mask models never run again — into its own directory ``SWEEP/pmvis_trials/<trial id>/``:
    ``clean.json`` (the filtered ground truth, the training annotations), ``pseudo.json`` (the fused
    pseudo masks of those annotations, ``data.pseudo_annotations``);
-3. trains with :func:`pmvis.platform.training.run_training` — a Train V2 ``TorchTrainer`` built
+3. trains with :func:`pmvis.platform.train.driver.run_training` — a Train V2 ``TorchTrainer`` built
    inside this driver function, with ``TuneReportCallback`` so every worker report reaches Tune.
    Reports come at every checkpoint, and the sweep sets ``eval_every = checkpoint_every`` (unless
    given) so each report carries the held-out ``eval_AP`` that ASHA and the search rank on
    (Tune's time attribute ``training_iteration`` = the number of reports).
 
-Ray 2.60 facts (DESIGN §6): no ``Tuner(trainer)``; ``MLflowLoggerCallback`` is on the *Tuner's*
+Ray 2.60 facts (docs/design.md §6): no ``Tuner(trainer)``; ``MLflowLoggerCallback`` is on the *Tuner's*
 RunConfig: one MLflow run per trial in experiment NAME, params = the trial config, which is the
 flat ``{knob path: value}`` dict (the param space is flat, so the params are named
 ``fuse.mode`` …), metrics = every reported number (``eval_AP`` …). The trainer also logs its own
@@ -151,7 +151,8 @@ def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
     """The TrainConfig values every trial starts from (preset, --set, --iterations, sweep defaults);
     validated once here, before Ray starts."""
     from pmvis.core.config import build_config
-    from pmvis.platform.training import TrainConfig, merge_values
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.core.config import merge_values
 
     values = copy.deepcopy(cfg.train_overrides)
     data = dict(values.get("data") or {})
@@ -188,8 +189,9 @@ def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any
     from pmvis.platform.pseudo.filters import FilterConfig
     from pmvis.models.fusion import FuseConfig
     from pmvis.core.config import build_config
-    from pmvis.platform.tune.search_spaces import apply_knobs, base_config
-    from pmvis.platform.training import merge_values
+    from pmvis.core.config import apply_dotted
+    from pmvis.platform.tune.search_spaces import base_config
+    from pmvis.core.config import merge_values
 
     source = f"sweep {ctx['name']}"
     by_root: dict[str, dict[str, Any]] = {}
@@ -200,44 +202,36 @@ def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any
     if unknown:
         raise PmvisError(f"{source}: the sweep does not know where to apply the knob roots {unknown}")
     fuse_base = merge_values(base_config(["fuse"])["fuse"], ctx["fuse_overrides"])
-    fuse = build_config(FuseConfig, apply_knobs(fuse_base, by_root.get("fuse", {})), source=f"{source}: fuse")
+    fuse = build_config(FuseConfig, apply_dotted(fuse_base, by_root.get("fuse", {})), source=f"{source}: fuse")
     filt = None
     if ctx["filter_on"]:
         filter_base = merge_values(base_config(["filter"])["filter"], ctx["filter_overrides"])
         if "fuse" not in ctx["filter_overrides"]:  # the GT filter's fusion follows the trial's
             filter_base["fuse"] = fuse.model_dump(mode="json")
-        filt = build_config(FilterConfig, apply_knobs(filter_base, by_root.get("filter", {})),
+        filt = build_config(FilterConfig, apply_dotted(filter_base, by_root.get("filter", {})),
                             source=f"{source}: filter")
     train = copy.deepcopy(ctx["train_values"])
     for root in TRAIN_ROOTS:
         if root in by_root:
-            train = apply_knobs(train, {f"{root}.{k}": v for k, v in by_root[root].items()})
+            train = apply_dotted(train, {f"{root}.{k}": v for k, v in by_root[root].items()})
     return fuse, filt, train
 
 
 def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mapping[str, Any]) -> tuple[str, str]:
     """Re-fuse (and re-filter) from the raw store into ``trial_dir``; (annotations, pseudo) paths."""
-    from pmvis.platform.pseudo.filters import filter_annotations
-    from pmvis.platform.pseudo.fuse import fuse_annotations
-    from pmvis.platform.pseudo.store import read_raw
     from pmvis.core.io import write_json_atomic
+    from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.data.ytvis import load_dataset_dir, save_ytvis
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset_dir(ctx["data_dir"])
-    sources: list[str] | None = None if fuse.sources is None else list(fuse.sources)
-    if filt is not None and sources is not None:
-        sources = None if filt.fuse.sources is None else sources + list(filt.fuse.sources)
-        if sources is not None and filt.missing:
-            sources += list(filt.missing_sources)
-    tracks = read_raw(ctx["raw_dir"], sources=sources)
+    refined = refine(ctx["raw_dir"], dataset, fuse=fuse, filt=filt, fuse_input="filtered")
     annotations_path = str(dataset.path)
     if filt is not None:
-        dataset, report = filter_annotations(dataset, tracks, filt)
         annotations_path = str(trial_dir / CLEAN_FILENAME)
-        save_ytvis(dataset, annotations_path)
-        write_json_atomic(trial_dir / "filter_report.json", report, indent=1)
-    fused = fuse_annotations(dataset, tracks, fuse)
+        save_ytvis(refined.cleaned, annotations_path)
+        write_json_atomic(trial_dir / "filter_report.json", refined.filter_report, indent=1)
+    fused = refined.fused
     pseudo_path = str(trial_dir / PSEUDO_FILENAME)
     save_ytvis(fused, pseudo_path)
     return annotations_path, pseudo_path
@@ -246,7 +240,7 @@ def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mappin
 def trial_train_config(train_values: Mapping[str, Any], annotations: str, pseudo: str, trial_dir: Path,
                        ctx: Mapping[str, Any]) -> Any:
     from pmvis.core.config import build_config
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
 
     values = copy.deepcopy(dict(train_values))
     data = dict(values["data"])
@@ -273,7 +267,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
 
     from pmvis.core.config import dump_config
     from pmvis.core.io import write_text_atomic
-    from pmvis.platform.training import run_training
+    from pmvis.platform.train.driver import run_training
 
     knobs = knobs_from_trial_config(config, ctx["knob_paths"])
     trial_id = tune.get_context().get_trial_id()
@@ -379,7 +373,7 @@ def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
     if scheduler != "asha":
         raise PmvisError(f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})")
     from pmvis.core.config import build_config
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
 
     t = build_config(TrainConfig, {**train_values, "data": {**train_values["data"], "pseudo_annotations": "x"}},
                      source="sweep train config")
@@ -495,7 +489,8 @@ def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple
 
     from pmvis.core.config import load_config
     from pmvis.core.io import write_text_atomic
-    from pmvis.platform.training import CONFIG_FILENAME, TrainConfig
+    from pmvis.platform.train.driver import CONFIG_FILENAME
+    from pmvis.platform.train.config import TrainConfig
 
     trial_dir = sweep_dir / TRIALS_DIRNAME / best.trial_id
     cfg = load_config(TrainConfig, trial_dir / TRAIN_RUN_NAME / CONFIG_FILENAME)
@@ -583,7 +578,7 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
 
     from pmvis.core.io import write_json_atomic
     from pmvis.platform.experiments import ensure_experiment
-    from pmvis.platform.training import TrainConfig
+    from pmvis.platform.train.config import TrainConfig
 
     if plan is None:
         plan = prepare_sweep(cfg)
