@@ -30,7 +30,7 @@ from pmvis.platform.evaluation import (  # noqa: E402
     AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, METRIC_NAMES, RECALL_THRESHOLDS, evaluate_ytvis,
 )
 from pmvis.core.masks import encode_mask  # noqa: E402
-from pmvis.platform.data.ytvis import parse_results, parse_ytvis
+from pmvis.platform.data.ytvis_io import parse_results, parse_ytvis
 
 N_CATEGORIES = 40
 

@@ -61,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.platform.cluster import connect
     from pmvis.core.config import build_config
     from pmvis.core.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig
+    from pmvis.platform.pseudo.generate import generate_pseudo_masks
     from pmvis.platform.pseudo.store import read_raw
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
     from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.train.config import TrainConfig
-    from pmvis.platform.data.ytvis import load_ytvis, save_ytvis
+    from pmvis.platform.data.ytvis_io import load_ytvis, save_ytvis
 
     t0 = time.perf_counter()
     out = args.out.resolve()

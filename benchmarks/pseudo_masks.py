@@ -45,7 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmvis.models.sources.base import VideoInput  # noqa: E402
-from pmvis.platform.data.synthetic import SynthConfig, render_video  # noqa: E402
+from pmvis.platform.data.synthetic_scenes import SynthConfig  # noqa: E402
+from pmvis.platform.data.synthetic_scenes import render_video
 
 # ----------------------------------------------------------------------------- data
 
@@ -203,9 +204,11 @@ def run_pipeline(*, videos: int, frames: int, size: tuple[int, int], actor_count
     from pmvis.models.sources.hqsam import HQSamConfig, build_hqsam_model  # noqa: F811
     from pmvis.platform.cluster import connect
     from pmvis.core.config import build_config
-    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
-    from pmvis.platform.data.ytvis import load_dataset_dir
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig
+    from pmvis.platform.pseudo.generate import generate_pseudo_masks
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.ytvis_io import load_dataset_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-"))
     generate_synthetic(tmp / "data", SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1],

@@ -37,13 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
     from pmvis.platform.pseudo.filters import filter_annotations
     from pmvis.models.sources.base import VideoInput, build_source
-    from pmvis.models.sources.track import TrackConfig, TrackSource
+    from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
     from pmvis.core.config import build_config
     from pmvis.core.io import write_json_atomic
     from pmvis.platform.pseudo.store import RawTrack
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
     from pmvis.core.masks import encode_mask
-    from pmvis.platform.data.ytvis import load_dataset_dir, load_ytvis
+    from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
 
     data = args.out / "data"
     shutil.rmtree(data, ignore_errors=True)
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(TRACK_OPTIONS)
     rows: dict[str, dict[str, Any]] = {}
     for label, search in (("flow only (flow_search 0)", 0.0), ("flow + template matching (default)", None)):
-        cfg = TrackConfig(**base, **({} if search is None else {"flow_search": search}))
-        source = TrackSource(cfg)
+        cfg = PropagationConfig(**base, **({} if search is None else {"flow_search": search}))
+        source = PropagationSource(cfg)
         t = time.perf_counter()
         raw: list[RawTrack] = []
         for video in videos:

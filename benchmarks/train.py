@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
     from pmvis.platform.train.config import TrainConfig
     from pmvis.platform.train.driver import run_training
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask, encode_mask
-from pmvis.platform.data.ytvis import load_ytvis
+from pmvis.platform.data.ytvis_io import load_ytvis
 
 
 def make_store(tmp_path: Path) -> tuple[Path, Path]:

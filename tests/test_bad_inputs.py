@@ -18,8 +18,8 @@ from pmvis.core.config import StrictConfig, load_config, parse_yaml_mapping
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic, write_text_atomic
 from pmvis.platform.pseudo.store import RawTrack, read_raw, rows_from_tracks, stored_sources, write_video_rows
-from pmvis.platform.data.ytvis import (
-    MAX_IMAGE_SIDE_PX,
+from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX
+from pmvis.platform.data.ytvis_io import (
     check_output_for_dataset,
     load_dataset_dir,
     load_results,
@@ -259,7 +259,7 @@ def test_out_may_not_overwrite_dataset_files_or_be_unwritable(tiny_ytvis, tmp_pa
 def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_path):
     from pmvis.core.config import parse_dotlist
     from pmvis.jobs.pseudo_masks import parse_options
-    from pmvis.platform.pseudo.generate import _read_manifest
+    from pmvis.platform.pseudo.plan import read_manifest
     from pmvis.platform.data.synthetic import write_coco_stills
 
     with pytest.raises(PmvisError, match=r"--set .*aliases"):
@@ -268,7 +268,7 @@ def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_pa
         parse_options(["grabcut.iterations=[&x 1, *x]"])
     (tmp_path / "manifest.json").write_bytes(b'{"sources": "\xff"}')
     with pytest.raises(PmvisError, match=r"manifest.json: not UTF-8.*delete the manifest"):
-        _read_manifest(tmp_path)
+        read_manifest(tmp_path)
     (tmp_path / "truth.json").write_bytes(b"{")
     with pytest.raises(PmvisError, match=r"truth.json: malformed JSON"):
         write_coco_stills(tmp_path)

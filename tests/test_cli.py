@@ -34,7 +34,7 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
     """A sweep trial that failed for good is listed under the trial table with its error and the
     file holding its whole traceback (the table alone would only say "error")."""
     from pmvis.jobs.demo import _summary
-    from pmvis.platform.tune.sweep import SweepResult, TrialRow
+    from pmvis.platform.tune.results import SweepResult, TrialRow
 
     rows = [TrialRow("t_00000", "done", {"fuse.mode": "vote"}, 1.5, 4, str(tmp_path / "a")),
             TrialRow("t_00001", "error", {"fuse.mode": "select"}, None, None, None,
@@ -72,7 +72,7 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
 def test_demo_missing_data_threshold_follows_the_tracker_engine():
     """The flow engine's confidences are not SAM 2's object scores: Missing-Data takes what it reports."""
     from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
-    from pmvis.models.sources.track import TrackConfig
+    from pmvis.models.sources.propagate import PropagationConfig
 
-    assert filter_config(dict(TRACK_OPTIONS)).missing_min_confidence == TrackConfig().flow_present_threshold
+    assert filter_config(dict(TRACK_OPTIONS)).missing_min_confidence == PropagationConfig().flow_present_threshold
     assert filter_config({"engine": "sam2"}).missing_min_confidence == 0.8

@@ -11,7 +11,7 @@ from conftest import rect, rle
 from pmvis.cli import main
 from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import evaluate_ytvis, mask_quality, spatio_temporal_iou, track_intersections
-from pmvis.platform.data.ytvis import parse_results, parse_ytvis
+from pmvis.platform.data.ytvis_io import parse_results, parse_ytvis
 
 H = W = 40
 # Recall reaches 0.5 → the 51 recall points 0.00..0.50 have precision 1.

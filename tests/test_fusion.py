@@ -23,8 +23,10 @@ from pmvis.platform.pseudo.fuse import fuse_annotations, fuse_with_stats
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
 from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
-from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset, load_ytvis
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset
+from pmvis.platform.data.ytvis_io import load_ytvis
 from pmvis.core.masks import decode_mask, encode_mask
 
 H, W = 12, 16

@@ -24,27 +24,24 @@ from pmvis.models.vis.checkpoint import check_compatible, load_model, read_check
 from pmvis.models.vis.inference import (
     Detection,
     InferenceConfig,
-    MemoryBank,
     Track,
-    Tracker,
-    associate,
-    bisoftmax,
     box_nms,
     mask_iou,
     mask_nms,
     masks_to_frame,
-    memory_embedding,
     padded_size,
     predict_video,
     resized_size,
 )
+from pmvis.models.vis.association import MemoryBank, MemoryBankTracker, associate, bisoftmax, memory_embedding
 from pmvis.models.vis.inference import check_category_ids
 from pmvis.platform.predict import predict_dataset, resolve_category_ids, tracks_to_results
 from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import evaluate_ytvis
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask, encode_mask
-from pmvis.platform.data.ytvis import load_dataset_dir, load_results, save_results
+from pmvis.platform.data.ytvis_io import load_dataset_dir, load_results, save_results
 
 NUM_CLASSES = 5  # the synthetic categories, ids 1..5
 # Random weights score every query far below the paper's thresholds: take every query.
@@ -187,7 +184,7 @@ def test_bisoftmax_and_greedy_mutual_best():
 
 
 def test_tracker_associates_identical_and_starts_new_tracks():
-    tracker = Tracker(InferenceConfig())
+    tracker = MemoryBankTracker(InferenceConfig())
     e1, e2 = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([0.0, 10.0, 0.0])
     # frame 0: a confident detection starts track 0; one with score 0.15 <= 0.2 is discarded
     assert tracker.step(torch.stack([e1, e2]), torch.tensor([0.9, 0.15])) == [0, None]
@@ -203,7 +200,7 @@ def test_tracker_drops_a_track_after_11_missed_frames():
     e = torch.tensor([10.0, 0.0])
     far = torch.tensor([0.0, 10.0])
     for misses, expect_same in ((10, True), (11, False)):
-        tracker = Tracker(InferenceConfig(max_missed=10))
+        tracker = MemoryBankTracker(InferenceConfig(max_missed=10))
         assert tracker.step(e[None], torch.tensor([0.9])) == [0]
         for _ in range(misses):
             tracker.step(torch.zeros(0, 2), torch.zeros(0))

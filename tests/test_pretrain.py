@@ -11,7 +11,8 @@ import pytest
 
 from pmvis.platform.data.coco import load_coco_stills
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.vis_data import DataConfig, build_sampler, load_training_data
+from pmvis.platform.data.vis_data import DataConfig, load_training_data
+from pmvis.platform.data.clips import build_sampler
 from pmvis.core.masks import encode_mask
 
 H, W = 96, 128

@@ -9,11 +9,13 @@ import pytest
 
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+from pmvis.platform.pseudo.plan import PseudoMaskConfig
+from pmvis.platform.pseudo.generate import generate_pseudo_masks
 from pmvis.platform.pseudo.store import read_raw
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask
-from pmvis.platform.data.ytvis import load_dataset_dir
+from pmvis.platform.data.ytvis_io import load_dataset_dir
 
 PLUGIN = "source_plugins_for_tests"
 
@@ -206,7 +208,7 @@ def test_bad_input_fails_before_ray_starts(data, tmp_path, monkeypatch, capsys, 
 def test_a_checkpoint_is_checked_and_its_content_keys_the_fingerprint(data, tmp_path):
     import torch
 
-    from pmvis.platform.pseudo.generate import prepare_pseudo_masks
+    from pmvis.platform.pseudo.plan import prepare_pseudo_masks
 
     ckpt = tmp_path / "w.pth"
     cfg = _config(sources=["hqsam"], source_options={"hqsam": {"checkpoint": str(ckpt)}})

@@ -19,9 +19,10 @@ from pmvis.platform.predict import filled_box_results
 from pmvis.models.sources.base import SourceMasks, VideoInput, build_source, get_source_spec
 from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import encode_mask
-from pmvis.platform.data.ytvis import load_ytvis
+from pmvis.platform.data.ytvis_io import load_ytvis
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*RANDOM weights.*:UserWarning"),
@@ -254,7 +255,7 @@ def test_hqsam_random_weights_warn_loudly_and_device_checked():
 
 
 def test_select_key_frame_follows_init_confidence():
-    from pmvis.models.sources.track import group_by_key_frame, select_key_frame
+    from pmvis.models.sources.propagate import group_by_key_frame, select_key_frame
 
     H, W = 10, 12
     a, empty = np.zeros((H, W), bool), np.zeros((H, W), bool)
@@ -283,10 +284,10 @@ def test_select_key_frame_follows_init_confidence():
 
 
 def test_track_source_seeds_tracker_from_key_frames():
-    from pmvis.models.sources.track import TrackConfig, TrackSource
+    from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
 
     class Recorder:
-        def track(self, frames, groups):
+        def propagate(self, frames, groups):
             self.groups = groups
             T = len(frames)
             return {aid: ([m] * T, [0.75] * T) for _, objs in groups for aid, m in objs.items()}
@@ -300,7 +301,7 @@ def test_track_source_seeds_tracker_from_key_frames():
         init_masks={1: SourceMasks([m, m, m, None], [0.2, 0.9, 0.5, None])},
     )
     rec = Recorder()
-    out = TrackSource(TrackConfig(), tracker=rec)(video)
+    out = PropagationSource(PropagationConfig(), propagator=rec)(video)
     assert [(f, sorted(objs)) for f, objs in rec.groups] == [(1, [1, 2])]
     assert np.array_equal(rec.groups[0][1][1], m) and rec.groups[0][1][2].all()
     assert out[3].masks == [None] * T and out[1].confidences == [0.75] * T
@@ -313,13 +314,13 @@ def test_track_source_seeds_tracker_from_key_frames():
 def test_sam2_memory_feed_matches_sam2_loader(small, track, tmp_path):
     from sam2.utils.misc import load_video_frames_from_jpg_images
 
-    from pmvis.models.sources.track import sam2_init_state
+    from pmvis.models.sources.propagators import sam2_init_state
 
     frames = small[1][0].frames
     for t, f in enumerate(frames):  # lossless frames: PNG bytes (PIL reads by content, sam2 wants *.jpg)
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(f[..., ::-1]))
         (tmp_path / f"{t:05d}.jpg").write_bytes(buf.tobytes())
-    predictor = track.tracker.predictor
+    predictor = track.propagator.predictor
     ref, h, w = load_video_frames_from_jpg_images(str(tmp_path), predictor.image_size, offload_video_to_cpu=True,
                                                   compute_device=torch.device("cpu"))
     state = sam2_init_state(predictor, frames, "memory")
@@ -332,7 +333,7 @@ def test_sam2_memory_feed_matches_sam2_loader(small, track, tmp_path):
 
 
 def test_sam2_tracks_forward_and_backward(small, hqsam_outputs, track, monkeypatch):
-    predictor = track.tracker.predictor
+    predictor = track.propagator.predictor
     calls, original = [], predictor.propagate_in_video
 
     def spy(state, start_frame_idx=None, reverse=False, **kw):
@@ -365,12 +366,12 @@ def test_sam2_checkpoint_roundtrip_and_errors(small, track, tmp_path):
     m = np.zeros((H, W), bool)
     m[10:30, 20:50] = True
     groups = [(1, {5: m})]
-    ref = track.tracker.track(video.frames, groups)
+    ref = track.propagator.propagate(video.frames, groups)
     path = tmp_path / "sam2_random.pt"
-    torch.save({"model": track.tracker.predictor.state_dict()}, path)
+    torch.save({"model": track.propagator.predictor.state_dict()}, path)
     loaded = build_source("track", {"sam2_overrides": SAM2_TEST_OVERRIDES, "checkpoint": str(path),
                                     "random_init_seed": 7})
-    out = loaded.tracker.track(video.frames, groups)
+    out = loaded.propagator.propagate(video.frames, groups)
     for a, b in zip(out[5][0], ref[5][0]):
         assert (a is None and b is None) or np.array_equal(a, b)
     assert out[5][1] == ref[5][1]
@@ -470,7 +471,7 @@ def test_deaot_adapter_with_a_fake_checkout(tmp_path):
         ckpt = tmp_path / "deaot.pth"
         torch.save({"state_dict": {"module.w": torch.tensor([1.0, 2.0])}}, ckpt)
         src = build_source("track", {"engine": "deaot", "deaot_root": str(root), "deaot_checkpoint": str(ckpt)})
-        assert torch.equal(src.tracker.model.w.detach(), torch.tensor([1.0, 2.0]))
+        assert torch.equal(src.propagator.model.w.detach(), torch.tensor([1.0, 2.0]))
         with pytest.raises(PmvisError, match="no DeAOT model config"):
             build_source("track", {"engine": "deaot", "deaot_root": str(root), "deaot_config": "nope"})
         T, H, W = 4, 65, 81  # already a valid DeAOT input size: no resampling, so the fake carries masks exactly
@@ -485,8 +486,8 @@ def test_deaot_adapter_with_a_fake_checkout(tmp_path):
         engines.FakeEngine.calls.clear()
         out = src(video)
         _check_contract(video, out, every_box_frame=False)
-        assert src.tracker.input_size(H, W) == (65, 81) == src.tracker.input_size(64, 80)  # 16k + 1
-        assert max(src.tracker.input_size(720, 1280)) <= 1040 + 16
+        assert src.propagator.input_size(H, W) == (65, 81) == src.propagator.input_size(64, 80)  # 16k + 1
+        assert max(src.propagator.input_size(720, 1280)) <= 1040 + 16
         for aid, m, key in ((1, a, 1), (2, b, 2)):
             assert out[aid].masks[key] is m or np.array_equal(out[aid].masks[key], m)
             assert out[aid].confidences[key] == 1.0
@@ -556,7 +557,7 @@ def _textured_disc_video(T: int = 8, H: int = 96, W: int = 112, step: int = 3, a
 
 
 def _disc_track(frames: np.ndarray, masks: np.ndarray, key: int, **config):
-    from pmvis.models.sources.track import TrackConfig, TrackSource
+    from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
 
     T = len(frames)
     boxes = [None if not m.any() else [float(np.nonzero(m)[1].min()), float(np.nonzero(m)[0].min()),
@@ -566,7 +567,7 @@ def _disc_track(frames: np.ndarray, masks: np.ndarray, key: int, **config):
     init[key] = masks[key]
     video = VideoInput(video_id=1, frames=frames, boxes={7: boxes},
                        init_masks={7: SourceMasks(init, [None if m is None else 0.9 for m in init])})
-    out = TrackSource(TrackConfig(engine="flow", **config))(video)
+    out = PropagationSource(PropagationConfig(engine="flow", **config))(video)
     _check_contract(video, out, every_box_frame=False)
     return out[7]
 

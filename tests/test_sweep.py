@@ -18,7 +18,7 @@ def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_
 
 
 def sweep_config(tmp_path, data, raw, **kw):
-    from pmvis.platform.tune.sweep import SweepConfig
+    from pmvis.platform.tune.config import SweepConfig
 
     values = dict(space=str(space_file(tmp_path)), data_dir=str(data), raw=str(raw), name="sw",
                   storage_path=str(tmp_path / "sweeps"), samples=2, search="random", scheduler="fifo",
@@ -30,7 +30,7 @@ def sweep_config(tmp_path, data, raw, **kw):
 
 
 def test_trial_configs_apply_knobs(tmp_path):
-    from pmvis.platform.tune.sweep import base_train_values, trial_configs
+    from pmvis.platform.tune.trials import base_train_values, trial_configs
 
     data, raw = make_store(tmp_path)
     cfg = sweep_config(tmp_path, data, raw)
@@ -47,7 +47,8 @@ def test_trial_configs_apply_knobs(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    from pmvis.platform.tune.sweep import base_train_values, build_search_alg, run_sweep
+    from pmvis.platform.tune.trials import base_train_values
+    from pmvis.platform.tune.sweep import build_search_alg, run_sweep
     from pmvis.platform.tune.search_spaces import load_space
 
     grid = load_space(space_file(tmp_path, "fuse.mode: {grid: [select, vote]}\n", "grid.yaml"))
@@ -211,7 +212,7 @@ def test_sweep_command_line_builds_its_config_and_prints_the_ranked_result(tmp_p
     import pmvis.platform.cluster as cluster
     import pmvis.platform.tune.sweep as sweep
     from pmvis import cli
-    from pmvis.platform.tune.sweep import SweepResult, TrialRow
+    from pmvis.platform.tune.results import SweepResult, TrialRow
 
     seen = {}
 
@@ -251,7 +252,7 @@ def test_trials_stopped_early_are_marked_and_rank_after_the_full_budget_ones():
     trial that trained the whole budget (even with a higher AP), and a failed one ranks last."""
     from types import SimpleNamespace
 
-    from pmvis.platform.tune.sweep import collect_rows, format_table
+    from pmvis.platform.tune.results import collect_rows, format_table
 
     def result(tid, ap, it, error=None):
         return SimpleNamespace(metrics={"trial_id": tid, "eval_AP": ap, "iteration": it}, config={"fuse.mode": "vote"},

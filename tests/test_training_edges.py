@@ -15,7 +15,8 @@ import textwrap
 import pytest
 
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.platform.train.checkpoints import (
     CHECKPOINT_META,
     checkpoint_dir_name,

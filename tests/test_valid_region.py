@@ -14,7 +14,7 @@ from torch import nn
 
 from pmvis.models.vis import ModelConfig, build_model
 from pmvis.models.vis.inference import InferenceConfig, predict_video
-from pmvis.platform.data.vis_data import ClipBatch, ClipSampler, _Frame
+from pmvis.platform.data.clips import ClipBatch, ClipSampler, _Frame
 
 STRIDE = 4
 

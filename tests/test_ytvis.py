@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from conftest import rect, rle
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import decode_mask
-from pmvis.platform.data.ytvis import load_results, load_ytvis, parse_results, parse_ytvis, save_ytvis
+from pmvis.platform.data.ytvis_io import load_results, load_ytvis, parse_results, parse_ytvis, save_ytvis
 
 
 def test_three_encodings_normalise_to_the_same_mask(tiny_ytvis):

@@ -99,15 +99,17 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.core.config import build_config
     from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
     from pmvis.core.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.pseudo.generate import PseudoMaskConfig, generate_pseudo_masks
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig
+    from pmvis.platform.pseudo.generate import generate_pseudo_masks
     from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.pseudo.store import RAW_DIRNAME
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
     from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.train.config import TrainConfig
     from pmvis.platform.train.driver import run_training
-    from pmvis.platform.data.ytvis import load_ytvis, save_results, save_ytvis
+    from pmvis.platform.data.ytvis_io import load_ytvis, save_results, save_ytvis
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
 
     if args.sweep_trials < 0:
@@ -239,9 +241,9 @@ def filter_config(track_options: dict[str, Any]) -> Any:
     ``flow_present_threshold``, so Missing-Data takes every mask it reports (benchmark data, seed 0:
     recall 0.18 → 0.64 at precision 1.00 → 0.95)."""
     from pmvis.platform.pseudo.filters import FilterConfig
-    from pmvis.models.sources.track import TrackConfig
+    from pmvis.models.sources.propagate import PropagationConfig
 
-    track = TrackConfig.model_validate(track_options)
+    track = PropagationConfig.model_validate(track_options)
     if track.engine == "flow":
         return FilterConfig(missing_min_confidence=track.flow_present_threshold)
     return FilterConfig()
@@ -314,7 +316,8 @@ def _sweep_and_compare(out: Path, data_dir: Path, pm_dir: Path, tracking_uri: st
 
     from pmvis.jobs.sweep import format_result
     from pmvis.platform.compare import compare_runs, format_comparison, write_comparison
-    from pmvis.platform.tune.sweep import SweepConfig, run_sweep
+    from pmvis.platform.tune.config import SweepConfig
+    from pmvis.platform.tune.sweep import run_sweep
 
     storage = out / "sweeps"
     # The dataset was regenerated: a previous demo's sweep is stale (not resumed, not compared).

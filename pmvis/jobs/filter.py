@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.core.config import dump_config, load_config
     from pmvis.core.errors import PmvisError
     from pmvis.core.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
+    from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FilterConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.pseudo.store import resolve_raw_dir
     from pmvis.core.config import dump_config, load_config
     from pmvis.core.io import write_text_atomic
-    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_ytvis
+    from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FuseConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.predict import predict_dataset, resolve_category_ids
     from pmvis.core.config import build_config, load_config, parse_dotlist
     from pmvis.core.errors import PmvisError
-    from pmvis.platform.data.ytvis import check_output_for_dataset, load_dataset_dir, save_results
+    from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_results
 
     overrides = parse_dotlist(args.overrides)
     if args.device is not None:

@@ -86,7 +86,8 @@ def pretrain_config(args: argparse.Namespace, data_dir: Path, annotations: str, 
 def make_synthetic_stills(out: Path, videos: int, seed: int, size: tuple[int, int] | None = None) -> Path:
     """Synthetic videos under ``out`` with every frame listed as a COCO still (true boxes only)."""
     from pmvis.core.config import build_config
-    from pmvis.platform.data.synthetic import SynthConfig, generate_synthetic, write_coco_stills
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.synthetic import generate_synthetic, write_coco_stills
 
     values: dict[str, Any] = {"videos": videos, "frames": PRETRAIN_SYNTH_FRAMES, "seed": seed}
     if size is not None:

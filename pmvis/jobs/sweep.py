@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_sweep_config(args: argparse.Namespace):
     from pmvis.core.config import parse_dotlist
-    from pmvis.platform.tune.sweep import SweepConfig, split_overrides
+    from pmvis.platform.tune.config import SweepConfig
+    from pmvis.platform.tune.trials import split_overrides
 
     train, fuse, filt = split_overrides(parse_dotlist(args.overrides))
     return SweepConfig(space=args.space, data_dir=str(args.data), raw=str(args.raw), name=args.name,
@@ -68,7 +69,7 @@ def build_sweep_config(args: argparse.Namespace):
 
 
 def format_result(result) -> str:
-    from pmvis.platform.tune.sweep import format_table
+    from pmvis.platform.tune.results import format_table
 
     lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
              + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",

@@ -20,7 +20,8 @@ from pmvis.core.errors import PmvisError
 from pmvis.platform.evaluation import mask_quality
 from pmvis.core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 from pmvis.platform.pseudo.store import RAW_DIRNAME
-from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset, load_dataset_dir, load_ytvis
+from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset
+from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
 from pmvis.core.masks import decode_mask
 
 IOU_LEVELS = (0.5, 0.75)

@@ -77,7 +77,7 @@ def register_source(name: str, spec: SourceSpec) -> None:
 
 def _load_builtin_sources() -> None:
     # Importing a module registers its source; kept lazy so `import pmvis` stays light.
-    from pmvis.models.sources import boxinst, grabcut, hqsam, track  # noqa: F401
+    from pmvis.models.sources import boxinst, grabcut, hqsam, propagate  # noqa: F401
 
 
 def get_source_spec(name: str) -> SourceSpec:

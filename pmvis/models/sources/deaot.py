@@ -99,7 +99,7 @@ def _import_checkout(root: Path) -> dict[str, Any]:
             raise PmvisError(f"{root}: cannot import the aot-benchmark code: {e}") from None
 
 
-class DeAOTTracker:
+class DeAOTPropagator:
     """Tracks groups of objects from their key-frame masks, forward and backward, with DeAOT."""
 
     def __init__(self, root: str | None, model_config: str = "r50_deaotl", checkpoint: str | None = None,
@@ -165,7 +165,7 @@ class DeAOTTracker:
 
     # -------------------------------------------------------------- tracking
 
-    def track(self, frames: np.ndarray, groups: list[tuple[int, dict[int, np.ndarray]]]
+    def propagate(self, frames: np.ndarray, groups: list[tuple[int, dict[int, np.ndarray]]]
               ) -> dict[int, tuple[list[np.ndarray | None], list[float | None]]]:
         import torch
         import torch.nn.functional as F

@@ -21,15 +21,8 @@ from typing import Any
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import read_json
-from pmvis.platform.data.ytvis import (
-    BOX_TOLERANCE_PX,
-    MAX_IMAGE_SIDE_PX,
-    YTVISDataset,
-    _Problems,
-    check_file_name,
-    is_finite_number,
-    parse_ytvis,
-)
+from pmvis.platform.data.ytvis_io import BOX_TOLERANCE_PX, Problems, check_file_name, is_finite_number, parse_ytvis
+from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX, YTVISDataset
 
 
 def _is_int(v: Any) -> bool:
@@ -40,7 +33,7 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
     """Validate a COCO instances dict and return the equivalent YTVIS dict of one-frame videos.
 
     Every problem found is reported at once (PmvisError naming ``source`` and the COCO ids)."""
-    problems = _Problems(source)
+    problems = Problems(source)
     if not isinstance(raw, dict):
         raise PmvisError(f"{source}: a COCO file is a JSON object, got {type(raw).__name__}")
     for key in ("images", "annotations", "categories"):

@@ -23,7 +23,8 @@ import math
 import cv2
 import numpy as np
 
-from pmvis.platform.data.vis_data import ClipBatch, ClipSampler, PseudoVideoConfig, _Frame, _has_box, _VideoIndex
+from pmvis.platform.data.clips import ClipBatch, ClipSampler, _Frame, _has_box, _VideoIndex
+from pmvis.platform.data.vis_data import PseudoVideoConfig
 from pmvis.core.masks import decode_mask
 
 

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
-from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX, _Problems
+from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX
+from pmvis.platform.data.ytvis_io import Problems
 from pmvis.core.masks import Rle, compressed_rle_totals
 
 RAW_DIRNAME = "raw"
@@ -139,7 +140,7 @@ def _check_rows(path: Path, d: dict[str, list], source: str, video_id: int) -> N
     pycocotools' merge loop forever and its decode write out of bounds, so every mask's runs must
     cover exactly height * width pixels; sizes must be sane, confidences not infinite, and the
     rows those of the file's (source, video)."""
-    problems = _Problems(f"{path}: corrupt raw pseudo-mask file")
+    problems = Problems(f"{path}: corrupt raw pseudo-mask file")
     counts: list[str] = []
     owners: list[tuple[int, int]] = []  # (row, frame) of each entry of ``counts``
     for i in range(len(d["video_id"])):

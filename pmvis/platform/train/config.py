@@ -19,7 +19,7 @@ from pmvis.core.config import StrictConfig, build_config, merge_values
 from pmvis.models.vis.config import LossConfig, ModelConfig
 from pmvis.platform.data.vis_data import DataConfig
 
-TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.data.synthetic.CATEGORIES)
+TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.data.synthetic_scenes.CATEGORIES)
 
 
 class DebugConfig(StrictConfig):

@@ -52,7 +52,8 @@ from pmvis.core.io import write_json_atomic, write_text_atomic
 from pmvis.models.vis.backbone import Backbone
 from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
 from pmvis.models.vis.config import ModelConfig
-from pmvis.platform.data.vis_data import build_sampler, load_training_data
+from pmvis.platform.data.clips import build_sampler
+from pmvis.platform.data.vis_data import load_training_data
 from pmvis.platform.experiments import default_tracking_uri, open_run
 from pmvis.platform.ray_logs import quiet_ray_train, ray_train_logging_config
 from pmvis.platform.train.checkpoints import (

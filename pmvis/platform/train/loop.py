@@ -26,7 +26,8 @@ from pmvis.models.vis import VISCriterion, build_model
 from pmvis.models.vis.checkpoint import check_compatible, save_checkpoint
 from pmvis.models.vis.config import ModelConfig
 from pmvis.models.vis.inference import InferenceConfig
-from pmvis.platform.data.vis_data import build_sampler, load_training_data
+from pmvis.platform.data.clips import build_sampler
+from pmvis.platform.data.vis_data import load_training_data
 from pmvis.platform.evaluation import evaluate_ytvis
 from pmvis.platform.predict import predict_dataset
 from pmvis.platform.train.config import TrainConfig

@@ -38,248 +38,20 @@ error — knobs, AP, directory; full-budget trials rank first), ``best_config.ya
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pmvis.core.errors import PmvisError
+from pmvis.platform.tune.config import METRIC, MODE, RESULTS_FILENAME, SCHEDULERS, SEARCHES, SweepConfig, TRIALS_DIRNAME, TUNE_VERBOSITY
+from pmvis.platform.tune.trials import base_train_values, trial_configs, trial_driver
+from pmvis.platform.tune.results import SweepResult, close_stopped_trainer_runs, collect_rows, write_best
 
 logger = logging.getLogger(__name__)
-
-METRIC = "eval_AP"
-MODE = "max"
-SEARCHES = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "fifo")
-TRIALS_DIRNAME = "pmvis_trials"
-TRAIN_RUN_NAME = "train"
-CLEAN_FILENAME = "clean.json"
-PSEUDO_FILENAME = "pseudo.json"
-RESULTS_FILENAME = "results.json"
-BEST_CONFIG_FILENAME = "best_config.yaml"
-BEST_TRIAL_FILENAME = "best_trial.yaml"
-TRAIN_ROOTS = ("loss",)  # knob roots that live inside the TrainConfig
-
-
-@dataclass
-class SweepConfig:
-    """Everything :func:`run_sweep` needs (the CLI builds it from its flags)."""
-
-    space: str  # packaged space name or YAML file
-    data_dir: str
-    raw: str  # `pmvis pseudo-masks` output dir (OUT, reads OUT/raw) or the store itself
-    name: str = "pmvis-sweep"
-    storage_path: str = "./pmvis-sweeps"
-    samples: int = 10
-    search: str = "random"
-    scheduler: str = "asha"
-    gpus_per_trial: int = 0  # > 0: use_gpu, num_workers = gpus_per_trial (one GPU per worker)
-    iterations: int | None = None
-    preset: str = "paper"
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # nested TrainConfig values
-    fuse_overrides: dict[str, Any] = field(default_factory=dict)  # nested FuseConfig values
-    filter_overrides: dict[str, Any] = field(default_factory=dict)  # nested FilterConfig values
-    filter: str = "auto"  # auto: filter the ground truth when the space has filter.* knobs; on; off
-    tracking_uri: str | None = None
-    max_concurrent: int | None = None  # None: from the cluster's resources
-    seed: int | None = None  # search seed (random draws, optuna's sampler); None: unseeded
-    # Tune reruns a trial that failed (a lost node, a crashed trial driver) this many times; its
-    # training resumes from the trial's last checkpoint. Failures inside training are retried by
-    # Train first (TrainConfig.max_failures).
-    trial_retries: int = 1
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    status: str
-    knobs: dict[str, Any]
-    ap: float | None
-    iteration: int | None
-    trial_dir: str | None
-    error: str | None = None  # the last line of the trial's exception
-    error_file: str | None = None  # Tune's full traceback of a failed trial
-
-    def failure_line(self) -> str | None:
-        """"trial ID failed: ERROR (traceback: FILE)" for a failed trial, else None."""
-        if not self.error:
-            return None
-        return f"trial {self.trial_id} failed: {self.error}" + (
-            f" (traceback: {self.error_file})" if self.error_file else "")
-
-
-@dataclass
-class SweepResult:
-    name: str
-    sweep_dir: str
-    restored: bool
-    max_concurrent: int
-    rows: list[TrialRow]  # best first (no AP last)
-    best: TrialRow | None
-    best_config_path: str | None
-    best_trial_path: str | None
-    results_path: str
-    tracking_uri: str
-    experiment: str
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-# Tune's console output: status tables only (3, its default, also prints every trial's full
-# result table at every report: dozens of loss terms that MLflow and `pmvis compare` show better).
-TUNE_VERBOSITY = 1
-
-
-def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """Nested ``--set`` values → (TrainConfig values, FuseConfig values, FilterConfig values):
-    the top-level keys ``fuse`` and ``filter`` go to those configs, everything else to training."""
-    train = {k: copy.deepcopy(v) for k, v in values.items() if k not in ("fuse", "filter")}
-    fuse = copy.deepcopy(values.get("fuse") or {})
-    filt = copy.deepcopy(values.get("filter") or {})
-    for key, v in (("fuse", fuse), ("filter", filt)):
-        if not isinstance(v, dict):
-            raise PmvisError(f"--set {key}=...: set its fields, e.g. --set {key}.<field>=VALUE")
-    return train, fuse, filt
-
-
-def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
-    """The TrainConfig values every trial starts from (preset, --set, --iterations, sweep defaults);
-    validated once here, before Ray starts."""
-    from pmvis.core.config import build_config
-    from pmvis.platform.train.config import TrainConfig
-    from pmvis.core.config import merge_values
-
-    values = copy.deepcopy(cfg.train_overrides)
-    data = dict(values.get("data") or {})
-    data["data_dir"] = str(Path(cfg.data_dir).expanduser().resolve())
-    values["data"] = data
-    if cfg.iterations is not None:
-        values["iterations"] = cfg.iterations
-    if cfg.gpus_per_trial > 0:
-        values["use_gpu"] = True
-        values["num_workers"] = cfg.gpus_per_trial
-    values.setdefault("loss", {})
-    values["loss"] = dict(values["loss"])
-    values["loss"].setdefault("mode", "pmvis")  # the sweep produces the fused pseudo masks
-    if cfg.preset == "tiny":
-        values = merge_values(TrainConfig.tiny(data["data_dir"]).model_dump(mode="json"), values)
-    elif cfg.preset != "paper":
-        raise PmvisError(f"unknown preset {cfg.preset!r} (paper, tiny)")
-    if "eval_every" not in cfg.train_overrides:  # every report carries eval_AP (ASHA, strict metric check)
-        checked = build_config(TrainConfig, {**values, "data": {**values["data"], "pseudo_annotations": "x"}},
-                               source="sweep train config")
-        values["eval_every"] = checked.checkpoint_every
-    # Checked with a placeholder pseudo file (each trial writes its own).
-    checked = build_config(TrainConfig, {**values, "data": {**values["data"], "pseudo_annotations": "x"}},
-                           source="sweep train config")
-    if checked.data.val_fraction <= 0 and not checked.data.val_videos:
-        raise PmvisError("a sweep ranks trials on the held-out AP: set data.val_fraction > 0 or data.val_videos")
-    if checked.run_name is not None:
-        raise PmvisError("run_name is set per trial by the sweep; leave it unset")
-    return values
-
-
-def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any, Any | None, dict[str, Any]]:
-    """(FuseConfig, FilterConfig or None, TrainConfig values without the data files) of one trial."""
-    from pmvis.platform.pseudo.filters import FilterConfig
-    from pmvis.models.fusion import FuseConfig
-    from pmvis.core.config import build_config
-    from pmvis.core.config import apply_dotted
-    from pmvis.platform.tune.search_spaces import base_config
-    from pmvis.core.config import merge_values
-
-    source = f"sweep {ctx['name']}"
-    by_root: dict[str, dict[str, Any]] = {}
-    for path, value in knobs.items():
-        root, _, rest = path.partition(".")
-        by_root.setdefault(root, {})[rest] = value
-    unknown = sorted(set(by_root) - {"fuse", "filter", *TRAIN_ROOTS})
-    if unknown:
-        raise PmvisError(f"{source}: the sweep does not know where to apply the knob roots {unknown}")
-    fuse_base = merge_values(base_config(["fuse"])["fuse"], ctx["fuse_overrides"])
-    fuse = build_config(FuseConfig, apply_dotted(fuse_base, by_root.get("fuse", {})), source=f"{source}: fuse")
-    filt = None
-    if ctx["filter_on"]:
-        filter_base = merge_values(base_config(["filter"])["filter"], ctx["filter_overrides"])
-        if "fuse" not in ctx["filter_overrides"]:  # the GT filter's fusion follows the trial's
-            filter_base["fuse"] = fuse.model_dump(mode="json")
-        filt = build_config(FilterConfig, apply_dotted(filter_base, by_root.get("filter", {})),
-                            source=f"{source}: filter")
-    train = copy.deepcopy(ctx["train_values"])
-    for root in TRAIN_ROOTS:
-        if root in by_root:
-            train = apply_dotted(train, {f"{root}.{k}": v for k, v in by_root[root].items()})
-    return fuse, filt, train
-
-
-def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mapping[str, Any]) -> tuple[str, str]:
-    """Re-fuse (and re-filter) from the raw store into ``trial_dir``; (annotations, pseudo) paths."""
-    from pmvis.core.io import write_json_atomic
-    from pmvis.platform.pseudo.refine import refine
-    from pmvis.platform.data.ytvis import load_dataset_dir, save_ytvis
-
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset_dir(ctx["data_dir"])
-    refined = refine(ctx["raw_dir"], dataset, fuse=fuse, filt=filt, fuse_input="filtered")
-    annotations_path = str(dataset.path)
-    if filt is not None:
-        annotations_path = str(trial_dir / CLEAN_FILENAME)
-        save_ytvis(refined.cleaned, annotations_path)
-        write_json_atomic(trial_dir / "filter_report.json", refined.filter_report, indent=1)
-    fused = refined.fused
-    pseudo_path = str(trial_dir / PSEUDO_FILENAME)
-    save_ytvis(fused, pseudo_path)
-    return annotations_path, pseudo_path
-
-
-def trial_train_config(train_values: Mapping[str, Any], annotations: str, pseudo: str, trial_dir: Path,
-                       ctx: Mapping[str, Any]) -> Any:
-    from pmvis.core.config import build_config
-    from pmvis.platform.train.config import TrainConfig
-
-    values = copy.deepcopy(dict(train_values))
-    data = dict(values["data"])
-    if not data.get("eval_annotations"):  # score against the user's GT, not the cleaned copy
-        data["eval_annotations"] = ctx["eval_annotations"]
-    data.update({"annotations": annotations, "pseudo_annotations": pseudo})
-    values.update({"data": data, "run_name": TRAIN_RUN_NAME, "storage_path": str(trial_dir),
-                   "experiment": f"{ctx['name']}-train", "tracking_uri": ctx["tracking_uri"]})
-    return build_config(TrainConfig, values, source=f"sweep {ctx['name']}: trial train config")
-
-
-def knobs_from_trial_config(config: Mapping[str, Any], knob_paths: list[str]) -> dict[str, Any]:
-    """The trial's knobs: the Tune config is the flat ``{knob path: value}`` dict."""
-    missing = [p for p in knob_paths if p not in config]
-    if missing:
-        raise PmvisError(f"trial config lacks the knobs {missing}")
-    return {p: config[p] for p in knob_paths}
-
-
-def trial_driver(config: dict, ctx: dict) -> None:
-    """Tune function trainable: one trial = fuse/filter from the raw store, then a Train V2 run."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pmvis.core.config import dump_config
-    from pmvis.core.io import write_text_atomic
-    from pmvis.platform.train.driver import run_training
-
-    knobs = knobs_from_trial_config(config, ctx["knob_paths"])
-    trial_id = tune.get_context().get_trial_id()
-    trial_dir = Path(ctx["sweep_dir"]) / TRIALS_DIRNAME / trial_id
-    fuse, filt, train_values = trial_configs(knobs, ctx)
-    annotations, pseudo = prepare_trial_data(trial_dir, fuse, filt, ctx)
-    write_text_atomic(trial_dir / "fuse_config.yaml", dump_config(fuse))
-    if filt is not None:
-        write_text_atomic(trial_dir / "filter_config.yaml", dump_config(filt))
-    write_text_atomic(trial_dir / "knobs.json", json.dumps(knobs, indent=1, default=str))
-    cfg = trial_train_config(train_values, annotations, pseudo, trial_dir, ctx)
-    run_training(cfg, callbacks=[TuneReportCallback()])
 
 
 # ----------------------------------------------------------------------------- Tune setup
@@ -318,7 +90,6 @@ class ResumableMLflowLoggerCallback(MLflowLoggerCallback):
 
     def set_state(self, state: dict) -> None:
         self._run_ids = dict(state.get("run_ids") or {})
-
 
 
 def param_space(space: Any, search: str) -> dict[str, Any]:
@@ -411,108 +182,6 @@ def _resolve_raw(raw: str) -> str:
     return str(Path(resolve_raw_dir(raw)).resolve())
 
 
-def _float(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _error_file(result: Any) -> str | None:
-    path = Path(result.path) / "error.txt" if result.error is not None and result.path else None
-    return str(path) if path is not None and path.is_file() else None
-
-
-STATUS_ORDER = ("done", "stopped", "error")  # how trials rank: full budget, then early-stopped, then failed
-
-
-def collect_rows(grid: Any, knob_paths: list[str], iterations: int) -> list[TrialRow]:
-    """One row per trial: ``done`` (trained its ``iterations``), ``stopped`` (ended early without an
-    error: the scheduler stopped it, its AP is from fewer iterations) or ``error``. Ranked by status
-    first, then AP: an AP after half the budget does not compete with one after the whole budget."""
-    rows = []
-    for r in grid:
-        m = r.metrics or {}
-        cfg = r.config or {}
-        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "?")
-        iteration = m.get("iteration")
-        status = "error" if r.error else (
-            "stopped" if isinstance(iteration, int) and iteration < iterations else "done")
-        rows.append(TrialRow(
-            trial_id=str(trial_id), status=status,
-            knobs={p: cfg.get(p) for p in knob_paths}, ap=_float(m.get(METRIC)),
-            iteration=iteration, trial_dir=None,
-            error=None if r.error is None else str(r.error).strip().splitlines()[-1][:300],
-            error_file=_error_file(r)))
-    rows.sort(key=lambda row: (STATUS_ORDER.index(row.status), row.ap is None, -(row.ap or 0.0)))
-    return rows
-
-
-def format_table(rows: list[TrialRow]) -> str:
-    if not rows:
-        return "no trials"
-    paths = list(rows[0].knobs)
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    table = [["trial", *paths, METRIC, "iter", "status"]]
-    for r in rows:
-        table.append([r.trial_id, *(fmt(r.knobs.get(p)) for p in paths),
-                      "-" if r.ap is None else f"{r.ap:.3f}", fmt(r.iteration) if r.iteration is not None else "-",
-                      r.status])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
-
-
-def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experiment: str) -> list[str]:
-    """Mark KILLED the trainer MLflow runs that ended trials left RUNNING: a trial stopped early by
-    ASHA is killed with its training, which never closes its run. Errored trials are left as they
-    are (a rerun of the sweep resumes them into the same run). Returns the run ids closed."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status != "error" and r.trial_dir}
-    if exp is None or not ended:
-        return []
-    closed = []
-    for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                  max_results=10000):
-        if run.data.tags.get("pmvis.run_dir") in ended:
-            client.set_tag(run.info.run_id, "pmvis.stopped_by", "sweep scheduler")
-            client.set_terminated(run.info.run_id, status="KILLED")
-            closed.append(run.info.run_id)
-    return closed
-
-
-def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple[str, str]:
-    """``best_config.yaml`` (a TrainConfig for `pmvis train --config`) and ``best_trial.yaml``."""
-    import yaml
-
-    from pmvis.core.config import load_config
-    from pmvis.core.io import write_text_atomic
-    from pmvis.platform.train.driver import CONFIG_FILENAME
-    from pmvis.platform.train.config import TrainConfig
-
-    trial_dir = sweep_dir / TRIALS_DIRNAME / best.trial_id
-    cfg = load_config(TrainConfig, trial_dir / TRAIN_RUN_NAME / CONFIG_FILENAME)
-    # A fresh run (not the trial's own, which would only resume) next to the sweep.
-    cfg = cfg.model_copy(update={"run_name": None, "storage_path": str(sweep_dir.parent)})
-    header = [f"# Best trial {best.trial_id} of sweep {ctx['name']} ({METRIC} {best.ap}); its knobs:"]
-    header += [f"#   {p}: {v}" for p, v in best.knobs.items()]
-    config_path = sweep_dir / BEST_CONFIG_FILENAME
-    write_text_atomic(config_path, "\n".join(header) + "\n"
-                      + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    info: dict[str, Any] = {"trial_id": best.trial_id, METRIC: best.ap, "iteration": best.iteration,
-                            "knobs": best.knobs, "trial_dir": str(trial_dir),
-                            "train_config": str(config_path)}
-    for key in ("fuse_config", "filter_config"):
-        p = trial_dir / f"{key}.yaml"
-        if p.is_file():
-            info[key] = yaml.safe_load(p.read_text())
-    trial_path = sweep_dir / BEST_TRIAL_FILENAME
-    write_text_atomic(trial_path, yaml.safe_dump(info, sort_keys=False))
-    return str(config_path), str(trial_path)
-
-
 @dataclass
 class SweepPlan:
     """A sweep's checked inputs (:func:`prepare_sweep`), ready for :func:`run_sweep`."""
@@ -531,7 +200,7 @@ def prepare_sweep(cfg: SweepConfig) -> SweepPlan:
     second instead of after a Ray start-up."""
     from pmvis.platform.tune.search_spaces import load_space
     from pmvis.platform.experiments import default_tracking_uri
-    from pmvis.platform.data.ytvis import load_dataset_dir
+    from pmvis.platform.data.ytvis_io import load_dataset_dir
 
     if cfg.samples < 1:
         raise PmvisError(f"--samples must be ≥ 1, got {cfg.samples}")
