@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.jobs.demo import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS, filter_config, train_side_by_side
-    from pmvis.platform.pseudo.filters import filter_annotations
-    from pmvis.platform.pseudo.fuse import fuse_annotations
+    from pmvis.platform.demo.config import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS
+    from pmvis.platform.demo.run import filter_config, train_side_by_side
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
     from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
     from pmvis.platform.cluster import connect
@@ -63,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.core.io import write_json_atomic, write_text_atomic
     from pmvis.platform.pseudo.plan import PseudoMaskConfig
     from pmvis.platform.pseudo.generate import generate_pseudo_masks
-    from pmvis.platform.pseudo.store import read_raw
+    from pmvis.platform.pseudo.refine import refine
+    from pmvis.platform.pseudo.store import RAW_DIRNAME
     from pmvis.platform.report import ReportConfig, build_report, format_report
     from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.synthetic import generate_synthetic
@@ -100,20 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     timings["box-only and full training"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pm_dir = out / "pseudo_masks"
-    shutil.rmtree(pm_dir, ignore_errors=True)
+    pseudo_masks_dir = out / "pseudo_masks"
+    shutil.rmtree(pseudo_masks_dir, ignore_errors=True)
     options = {"track": dict(TRACK_OPTIONS), "grabcut": {},
                "boxinst": {"checkpoint": str(Path(results["box-only"].checkpoint) / CHECKPOINT_FILENAME),
                            "inference": {"test_short_side": None, "test_max_size": None}, "actors": cpus}}
     options["track"]["actors"] = cpus
-    generate_pseudo_masks(data_dir, pm_dir, build_config(
+    generate_pseudo_masks(data_dir, pseudo_masks_dir, build_config(
         PseudoMaskConfig, {"sources": ["grabcut", "track", "boxinst"], "source_options": options}, source="benchmark"))
     filter_cfg = filter_config(TRACK_OPTIONS)
-    tracks = read_raw(pm_dir / "raw")
-    save_ytvis(fuse_annotations(annotations, tracks, filter_cfg.fuse), out / "train_pseudo.json")
-    filter_annotations(annotations, tracks, filter_cfg)  # timed with the masks; the report repeats it
+    # the filters are timed with the masks; the report repeats them
+    refined = refine(pseudo_masks_dir / RAW_DIRNAME, annotations, fuse=filter_cfg.fuse, filt=filter_cfg)
+    save_ytvis(refined.fused, out / "train_pseudo.json")
     timings["pseudo masks + fusion + filters"] = time.perf_counter() - t
-    report = build_report(data_dir, pm_dir, out / "report", ReportConfig(filter=filter_cfg), tracking_uri=tracking_uri)
+    report = build_report(data_dir, pseudo_masks_dir, out / "report", ReportConfig(filter=filter_cfg), tracking_uri=tracking_uri)
 
     t = time.perf_counter()
     pseudo = {"pseudo_annotations": str(out / "train_pseudo.json")}

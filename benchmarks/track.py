@@ -34,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/track"))
     args = p.parse_args(argv)
 
-    from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
+    from pmvis.platform.demo.config import TRACK_OPTIONS
+    from pmvis.platform.demo.run import filter_config
     from pmvis.platform.pseudo.filters import filter_annotations
     from pmvis.models.sources.base import VideoInput, build_source
     from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
     from pmvis.core.config import build_config
     from pmvis.core.io import write_json_atomic
-    from pmvis.platform.pseudo.store import RawTrack
+    from pmvis.platform.pseudo.store import RawMasks
     from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.synthetic import generate_synthetic
     from pmvis.core.masks import encode_mask
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PropagationConfig(**base, **({} if search is None else {"flow_search": search}))
         source = PropagationSource(cfg)
         t = time.perf_counter()
-        raw: list[RawTrack] = []
+        raw: list[RawMasks] = []
         for video in videos:
             for aid, m in source(video).items():
-                raw.append(RawTrack(video_id=video.video_id, annotation_id=aid, source="track",
+                raw.append(RawMasks(video_id=video.video_id, annotation_id=aid, source="track",
                                     segmentations=[None if x is None else encode_mask(x) for x in m.masks],
                                     confidences=list(m.confidences)))
         seconds = time.perf_counter() - t

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask, encode_mask
@@ -38,10 +38,10 @@ def make_store(tmp_path: Path) -> tuple[Path, Path]:
                 b[y:y + h, x:x + w] = True
                 boxes.append(b)
             for source, masks, conf in (("hqsam", tm, 0.9), ("grabcut", boxes, 0.6)):
-                per_source[source].append(RawTrack(
+                per_source[source].append(RawMasks(
                     video_id=vid, annotation_id=a.id, source=source,
                     segmentations=[None if m is None else encode_mask(m) for m in masks],
                     confidences=[None if m is None else conf for m in masks]))
         for source, tracks in per_source.items():
-            write_video_rows(raw / "raw", source, vid, rows_from_tracks(tracks, v.height, v.width))
+            write_video_rows(raw / "raw", source, vid, rows_from_raw_masks(tracks, v.height, v.width))
     return data, raw

@@ -17,7 +17,7 @@ from pmvis.platform.data.coco import coco_to_ytvis
 from pmvis.core.config import StrictConfig, load_config, parse_yaml_mapping
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic, write_text_atomic
-from pmvis.platform.pseudo.store import RawTrack, read_raw, rows_from_tracks, stored_sources, write_video_rows
+from pmvis.platform.pseudo.store import RawMasks, read_raw, rows_from_raw_masks, stored_sources, write_video_rows
 from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX
 from pmvis.platform.data.ytvis_io import (
     check_output_for_dataset,
@@ -120,9 +120,9 @@ def test_symlink_out_of_the_frames_root_is_refused(tiny_ytvis, tmp_path):
 
 
 def _store(tmp_path, counts, confidence=0.9, source="hqsam"):
-    track = RawTrack(video_id=1, annotation_id=1, source=source,
+    track = RawMasks(video_id=1, annotation_id=1, source=source,
                      segmentations=[{"size": [20, 30], "counts": counts}, None], confidences=[confidence, None])
-    write_video_rows(tmp_path, source, 1, rows_from_tracks([track], 20, 30))
+    write_video_rows(tmp_path, source, 1, rows_from_raw_masks([track], 20, 30))
     return tmp_path
 
 
@@ -277,7 +277,7 @@ def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_pa
 def test_resume_counts_only_real_video_files_as_done(tmp_path):
     from pmvis.platform.pseudo.store import done_videos, raw_file
 
-    write_video_rows(tmp_path, "grabcut", 3, rows_from_tracks([], 4, 4))
+    write_video_rows(tmp_path, "grabcut", 3, rows_from_raw_masks([], 4, 4))
     raw_file(tmp_path, "grabcut", 5).mkdir()  # a folder named like a video file
     (raw_file(tmp_path, "grabcut", 0).parent / "video_abc.parquet").write_bytes(b"")
     assert done_videos(tmp_path, "grabcut") == {3} and done_videos(tmp_path, "other") == set()

@@ -33,7 +33,7 @@ def test_top_level_help_lists_commands():
 def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
     """A sweep trial that failed for good is listed under the trial table with its error and the
     file holding its whole traceback (the table alone would only say "error")."""
-    from pmvis.jobs.demo import _summary
+    from pmvis.platform.demo.summary import summary_text
     from pmvis.platform.tune.results import SweepResult, TrialRow
 
     rows = [TrialRow("t_00000", "done", {"fuse.mode": "vote"}, 1.5, 4, str(tmp_path / "a")),
@@ -42,7 +42,7 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
     sweep = SweepResult(name="sw", sweep_dir=str(tmp_path), restored=False, max_concurrent=2, rows=rows,
                         best=rows[0], best_config_path=str(tmp_path / "best_config.yaml"), best_trial_path=None,
                         results_path=str(tmp_path / "results.json"), tracking_uri="sqlite:///x.db", experiment="sw")
-    text = _summary(tmp_path, "| table |", sweep, None, {"plots": []}, "sqlite:///x.db", 60.0)
+    text = summary_text(tmp_path, "| table |", sweep, None, {"plots": []}, "sqlite:///x.db", 60.0)
     assert "| t_00001 | select | - | - | error |" in text
     assert f"trial t_00001 failed: RuntimeError: worker died (traceback: {tmp_path / 't1' / 'error.txt'})" in text
     assert "trial t_00000 failed" not in text
@@ -51,7 +51,7 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
 def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp_path):
     """The demo's concurrent trainings run in Ray tasks: bad input still surfaces as PmvisError
     naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
-    from pmvis.jobs.demo import train_side_by_side
+    from pmvis.platform.demo.run import train_side_by_side
     from pmvis.core.errors import PmvisError
     from pmvis.platform.train.config import TrainConfig
 
@@ -71,7 +71,8 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
 
 def test_demo_missing_data_threshold_follows_the_tracker_engine():
     """The flow engine's confidences are not SAM 2's object scores: Missing-Data takes what it reports."""
-    from pmvis.jobs.demo import TRACK_OPTIONS, filter_config
+    from pmvis.platform.demo.config import TRACK_OPTIONS
+    from pmvis.platform.demo.run import filter_config
     from pmvis.models.sources.propagate import PropagationConfig
 
     assert filter_config(dict(TRACK_OPTIONS)).missing_min_confidence == PropagationConfig().flow_present_threshold

@@ -13,7 +13,7 @@ from pmvis.platform.pseudo.filters import FilterConfig, filter_annotations
 from pmvis.models.fusion import FuseConfig
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset
@@ -29,8 +29,8 @@ def rect(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> np.ndarr
     return m
 
 
-def track(aid: int, source: str, masks: list, confs: list, vid: int = 1) -> RawTrack:
-    return RawTrack(video_id=vid, annotation_id=aid, source=source,
+def track(aid: int, source: str, masks: list, confs: list, vid: int = 1) -> RawMasks:
+    return RawMasks(video_id=vid, annotation_id=aid, source=source,
                     segmentations=[None if m is None else encode_mask(m) for m in masks],
                     confidences=list(confs))
 
@@ -200,7 +200,7 @@ def make_store(tmp_path):
             for name, ms, c in (("hqsam", hq, 0.9), ("track", tm, 0.85), ("grabcut", boxes, 0.6)):
                 per_source[name].append(track(a.id, name, ms, [None if m is None else c for m in ms], vid))
         for source, tracks in per_source.items():
-            write_video_rows(raw, source, vid, rows_from_tracks(tracks, v.height, v.width))
+            write_video_rows(raw, source, vid, rows_from_raw_masks(tracks, v.height, v.width))
     return data, tmp_path / "pm"
 
 
@@ -216,7 +216,7 @@ def test_filter_cli_finds_the_injected_defects(tmp_path, capsys):
     # Injected inaccurate masks have IoU <= 0.9 with the truth; the fused masks are the truth.
     conf.write_text("ria_tau: 0.95\n")
     out = tmp_path / "clean.json"
-    assert main(["filter", "--data", str(data), "--raw", str(pm), "--out", str(out), "--config", str(conf)]) == 0
+    assert main(["filter", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out), "--config", str(conf)]) == 0
     text = capsys.readouterr().out
     n_inacc = sum(d["kind"] == "inaccurate" for d in defects)
     n_miss = len(defects) - n_inacc
@@ -240,7 +240,7 @@ def test_filter_cli_fill_and_report_path(tmp_path, capsys):
     conf = tmp_path / "filter.yaml"
     conf.write_text("ria: false\nmissing_action: fill\n")
     out, rep = tmp_path / "clean.json", tmp_path / "r" / "defects_found.json"
-    rc = main(["filter", "--data", str(data), "--raw", str(pm), "--out", str(out), "--config", str(conf),
+    rc = main(["filter", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out), "--config", str(conf),
                "--report", str(rep)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads(rep.read_text())
@@ -263,7 +263,7 @@ def test_filter_cli_bad_config_exits_2_without_output(tmp_path, capsys, config_t
     conf = tmp_path / "filter.yaml"
     conf.write_text(config_text)
     out = tmp_path / "clean.json"
-    assert main(["filter", "--data", str(data), "--raw", str(pm), "--out", str(out), "--config", str(conf)]) == 2
+    assert main(["filter", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out), "--config", str(conf)]) == 2
     err = capsys.readouterr().err
     assert "pmvis filter: error:" in err and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "filter.yaml", "pm"]

@@ -22,7 +22,7 @@ from pmvis.models.fusion import (
 from pmvis.platform.pseudo.fuse import fuse_annotations, fuse_with_stats
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.store import RawTrack, rows_from_tracks, write_video_rows
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset
@@ -42,8 +42,8 @@ def rect_box(y0: int, y1: int, x0: int, x1: int) -> list[float]:
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
-def track(aid: int, source: str, masks: list, confs: list, vid: int = 1) -> RawTrack:
-    return RawTrack(video_id=vid, annotation_id=aid, source=source,
+def track(aid: int, source: str, masks: list, confs: list, vid: int = 1) -> RawMasks:
+    return RawMasks(video_id=vid, annotation_id=aid, source=source,
                     segmentations=[None if m is None else encode_mask(m) for m in masks],
                     confidences=list(confs))
 
@@ -340,14 +340,14 @@ def make_store(tmp_path, *, inaccurate_rate=0.3, missing_rate=0.2):
             per_source["grabcut"].append(track(a.id, "grabcut", boxes, [None if m is None else 0.6 for m in boxes], vid))
             assert len(tm) == T
         for source, tracks in per_source.items():
-            write_video_rows(raw, source, vid, rows_from_tracks(tracks, v.height, v.width))
+            write_video_rows(raw, source, vid, rows_from_raw_masks(tracks, v.height, v.width))
     return data, tmp_path / "pm"
 
 
 def test_fuse_cli_end_to_end(tmp_path, capsys):
     data, pm = make_store(tmp_path)
     out = tmp_path / "train.json"
-    assert main(["fuse", "--data", str(data), "--raw", str(pm), "--out", str(out)]) == 0
+    assert main(["fuse", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fused masks" in text and "hqsam" in text and "mean quality" in text
     fused = load_ytvis(out)  # a valid YTVIS file
@@ -377,7 +377,7 @@ def test_fuse_cli_config_file_and_annotations_flag(tmp_path, capsys):
     conf.write_text("mode: vote\nsources: [track, grabcut]\nvote_threshold: 0.6\n"
                     "scm_thresholds: {hqsam: 0.5, track: 0.5, grabcut: 0.0}\n")
     out = tmp_path / "o" / "train.json"
-    rc = main(["fuse", "--data", str(data), "--raw", str(pm / "raw"), "--out", str(out),
+    rc = main(["fuse", "--data", str(data), "--pseudo-masks", str(pm / "raw"), "--out", str(out),
                "--config", str(conf), "--annotations", "truth.json"])
     assert rc == 0, capsys.readouterr().err
     fused = load_ytvis(out)
@@ -400,7 +400,7 @@ def test_fuse_cli_bad_config_exits_2_without_output(tmp_path, capsys, config_tex
     conf = tmp_path / "fuse.yaml"
     conf.write_text(config_text)
     out = tmp_path / "train.json"
-    assert main(["fuse", "--data", str(data), "--raw", str(pm), "--out", str(out), "--config", str(conf)]) == 2
+    assert main(["fuse", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out), "--config", str(conf)]) == 2
     err = capsys.readouterr().err
     assert "pmvis fuse: error:" in err and message in err
     assert not out.exists() and not (tmp_path / "train.config.yaml").exists()
@@ -408,12 +408,12 @@ def test_fuse_cli_bad_config_exits_2_without_output(tmp_path, capsys, config_tex
 
 def test_fuse_cli_store_from_other_dataset_and_missing_store(tmp_path, capsys):
     data, pm = make_store(tmp_path)
-    write_video_rows(pm / "raw", "hqsam", 99, rows_from_tracks([track(12345, "hqsam", [None] * 4, [None] * 4, 99)],
+    write_video_rows(pm / "raw", "hqsam", 99, rows_from_raw_masks([track(12345, "hqsam", [None] * 4, [None] * 4, 99)],
                                                                  48, 64))
     out = tmp_path / "train.json"
-    assert main(["fuse", "--data", str(data), "--raw", str(pm), "--out", str(out)]) == 2
+    assert main(["fuse", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(out)]) == 2
     assert "annotation id(s) 12345" in capsys.readouterr().err and not out.exists()
-    assert main(["fuse", "--data", str(data), "--raw", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["fuse", "--data", str(data), "--pseudo-masks", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no raw pseudo-mask store" in capsys.readouterr().err
-    assert main(["fuse", "--data", str(data), "--raw", str(pm), "--out", str(data / "annotations.json")]) == 2
+    assert main(["fuse", "--data", str(data), "--pseudo-masks", str(pm), "--out", str(data / "annotations.json")]) == 2
     assert "overwrite the input" in capsys.readouterr().err

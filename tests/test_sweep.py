@@ -20,7 +20,7 @@ def space_file(tmp_path, text="fuse.mode: {choice: [select, vote]}\nloss.pseudo_
 def sweep_config(tmp_path, data, raw, **kw):
     from pmvis.platform.tune.config import SweepConfig
 
-    values = dict(space=str(space_file(tmp_path)), data_dir=str(data), raw=str(raw), name="sw",
+    values = dict(space=str(space_file(tmp_path)), data_dir=str(data), pseudo_masks=str(raw), name="sw",
                   storage_path=str(tmp_path / "sweeps"), samples=2, search="random", scheduler="fifo",
                   iterations=4, preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                   train_overrides={"checkpoint_every": 2, "log_every": 2, "batch_size": 1,
@@ -183,7 +183,7 @@ def _no_ray(*args, **kwargs):
 @pytest.mark.parametrize("args, message", [
     (["--space", "{bad}"], "unknown knob"),
     (["--data", "{tmp}/nope"], "dataset directory not found"),
-    (["--raw", "{tmp}/nope"], "no raw pseudo-mask store"),
+    (["--pseudo-masks", "{tmp}/nope"], "no raw pseudo-mask store"),
     (["--set", "nope=1"], "nope"),
 ])
 def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch, capsys, args, message):
@@ -194,7 +194,7 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch, capsys, args, 
     monkeypatch.setattr(cluster, "connect", _no_ray)
     data, raw = make_store(tmp_path)
     bad = space_file(tmp_path, "fuse.nope: {choice: [1, 2]}\n", "bad.yaml")
-    flags = {"--space": str(space_file(tmp_path)), "--data": str(data), "--raw": str(raw)}
+    flags = {"--space": str(space_file(tmp_path)), "--data": str(data), "--pseudo-masks": str(raw)}
     extra = [a.format(bad=bad, tmp=tmp_path) for a in args]
     if extra[0] in flags:
         flags[extra[0]] = extra[1]
@@ -230,7 +230,7 @@ def test_sweep_command_line_builds_its_config_and_prints_the_ranked_result(tmp_p
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
     data, raw = make_store(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["sweep", "--space", str(space_file(tmp_path)), "--data", str(data), "--raw", str(raw),
+    argv = ["sweep", "--space", str(space_file(tmp_path)), "--data", str(data), "--pseudo-masks", str(raw),
             "--samples", "2", "--seed", "7", "--name", "cli-sweep", "--storage", str(tmp_path / "s"),
             "--tracking-uri", uri, "--iterations", "4", "--preset", "tiny", "--search", "optuna",
             "--scheduler", "fifo", "--trial-retries", "0", "--max-concurrent", "1",
@@ -252,7 +252,7 @@ def test_trials_stopped_early_are_marked_and_rank_after_the_full_budget_ones():
     trial that trained the whole budget (even with a higher AP), and a failed one ranks last."""
     from types import SimpleNamespace
 
-    from pmvis.platform.tune.results import collect_rows, format_table
+    from pmvis.platform.tune.results import collect_rows, format_trials
 
     def result(tid, ap, it, error=None):
         return SimpleNamespace(metrics={"trial_id": tid, "eval_AP": ap, "iteration": it}, config={"fuse.mode": "vote"},
@@ -261,4 +261,4 @@ def test_trials_stopped_early_are_marked_and_rank_after_the_full_budget_ones():
     rows = collect_rows([result("a", 0.20, 4), result("b", 0.35, 2), result("c", 0.25, 4),
                          result("d", 0.50, 2, error=RuntimeError("boom"))], ["fuse.mode"], iterations=4)
     assert [(r.trial_id, r.status) for r in rows] == [("c", "done"), ("a", "done"), ("b", "stopped"), ("d", "error")]
-    assert "stopped" in format_table(rows).splitlines()[3]
+    assert "stopped" in format_trials(rows).splitlines()[3]

@@ -223,17 +223,17 @@ def test_nonfinite_loss_is_detected_before_the_step(data_dir):
 
 def test_config_overrides_and_cli_help(data_dir, capsys):
     from pmvis.cli import main
-    from pmvis.jobs.train import build_train_config
+    from pmvis.platform.train.config import train_config_from
 
-    cfg = build_train_config(None, [f"data.data_dir={data_dir}", "model.hidden_dim=64", "iterations=7",
+    cfg = train_config_from(None, [f"data.data_dir={data_dir}", "model.hidden_dim=64", "iterations=7",
                                     "data.short_side=[32, 48]"], preset="tiny")
     assert cfg.model.hidden_dim == 64 and cfg.iterations == 7 and cfg.data.short_side == (32, 48)
     assert cfg.model.backbone == "regnetx_004" and cfg.use_gpu is False
     assert TrainConfig(data={"data_dir": "x"}).model.backbone == "resnet50"  # the paper preset
     with pytest.raises(PmvisError, match="model.hidden_dimm"):
-        build_train_config(None, [f"data.data_dir={data_dir}", "model.hidden_dimm=64"])
+        train_config_from(None, [f"data.data_dir={data_dir}", "model.hidden_dimm=64"])
     with pytest.raises(PmvisError, match="pseudo_annotations"):
-        build_train_config(None, [f"data.data_dir={data_dir}", "loss.mode=pmvis"])
+        train_config_from(None, [f"data.data_dir={data_dir}", "loss.mode=pmvis"])
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--set" in capsys.readouterr().out

@@ -235,10 +235,10 @@ def test_temporary_checkpoints_of_dead_workers_are_removed(tmp_path):
     ("lr_mults={mask_branch.: .inf}", "lr_mults"),
 ])
 def test_bad_knobs_are_config_errors(data_dir, override, where):
-    from pmvis.jobs.train import build_train_config
+    from pmvis.platform.train.config import train_config_from
 
     with pytest.raises(PmvisError, match=where):
-        build_train_config(None, [f"data.data_dir={data_dir}", override], preset="tiny")
+        train_config_from(None, [f"data.data_dir={data_dir}", override], preset="tiny")
 
 
 def test_the_final_checkpoint_is_the_newest_complete_one(loop, tmp_path, caplog):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
@@ -153,6 +154,11 @@ def load_config(
         if value is not None:
             values[key] = value
     return build_config(cls, values, source=source)
+
+
+def effective_config_path(out: str | os.PathLike) -> Path:
+    """Where a command records the effective config of an output: OUT with the suffix .config.yaml."""
+    return Path(out).with_suffix(".config.yaml")
 
 
 def dump_config(config: BaseModel) -> str:

@@ -3,7 +3,7 @@
 Reads the ground truth of dataset DIR and the raw pseudo-mask store OUT/raw; writes the cleaned
 annotations to CLEAN.json and the report (a JSON list of {video_id, annotation_id, frame, kind,
 reason, ...} with kind "inaccurate" or "missing", the kinds of `pmvis synth`'s defects.json) to
---report (default CLEAN.report.json). Every knob is in FilterConfig (pmvis/models/filters.py),
+--report (default CLEAN.report.json). Every knob is in FilterConfig (pmvis/platform/pseudo/filters.py),
 including the fusion under "fuse:"; set them in --config FILTER.yaml. The effective config is
 written beside the output as CLEAN.config.yaml.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
-    parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
+    parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
+                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
     parser.add_argument("--out", required=True, type=Path, metavar="CLEAN.json", help="cleaned annotations to write")
     parser.add_argument("--config", type=Path, metavar="FILTER.yaml", help="YAML file of FilterConfig knobs")
     parser.add_argument("--annotations", type=Path, metavar="FILE",
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.jobs.fuse import config_path_for
+    from pmvis.core.config import effective_config_path
     from pmvis.platform.pseudo.filters import REPORT_KINDS, FilterConfig
     from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.pseudo.store import resolve_raw_dir
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset_dir(args.data, args.annotations)
     check_output_for_dataset(args.out, dataset)
     report_path = args.report if args.report is not None else args.out.with_suffix(".report.json")
-    config_file = config_path_for(args.out)
+    config_file = effective_config_path(args.out)
     if len({args.out.resolve(), report_path.resolve(), config_file.resolve()}) < 3:
         raise PmvisError(f"{report_path}: the report path must differ from --out and {config_file}")
     check_output_for_dataset(report_path, dataset, flag="--report")
     check_output_for_dataset(config_file, dataset, flag="--out's config file")
-    refined = refine(resolve_raw_dir(args.raw), dataset, filt=config)
+    refined = refine(resolve_raw_dir(args.pseudo_masks), dataset, filt=config)
     clean, report = refined.cleaned, refined.filter_report
     save_ytvis(clean, args.out)
     write_json_atomic(report_path, report, indent=1)

@@ -16,36 +16,30 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
-    parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
+    parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
+                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
     parser.add_argument("--out", required=True, type=Path, metavar="TRAIN.json", help="fused training annotations to write")
     parser.add_argument("--config", type=Path, metavar="FUSE.yaml", help="YAML file of FuseConfig knobs")
     parser.add_argument("--annotations", type=Path, metavar="FILE",
                         help="annotation file to use instead of DIR/annotations.json (relative to DIR or absolute)")
 
 
-def config_path_for(out: Path) -> Path:
-    """Where a job records its effective config: OUT with the suffix .config.yaml."""
-    return out.with_suffix(".config.yaml")
-
-
-
-
 def run(args: argparse.Namespace) -> int:
     from pmvis.models.fusion import FuseConfig
     from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.pseudo.store import resolve_raw_dir
-    from pmvis.core.config import dump_config, load_config
+    from pmvis.core.config import dump_config, effective_config_path, load_config
     from pmvis.core.io import write_text_atomic
     from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_ytvis
 
     config = load_config(FuseConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)
     check_output_for_dataset(args.out, dataset)
-    check_output_for_dataset(config_path_for(args.out), dataset, flag="--out's config file")
-    refined = refine(resolve_raw_dir(args.raw), dataset, fuse=config)
+    check_output_for_dataset(effective_config_path(args.out), dataset, flag="--out's config file")
+    refined = refine(resolve_raw_dir(args.pseudo_masks), dataset, fuse=config)
     fused, s = refined.fused, refined.fuse_stats
     save_ytvis(fused, args.out)
-    config_file = config_path_for(args.out)
+    config_file = effective_config_path(args.out)
     write_text_atomic(config_file, dump_config(config))
 
     n = s["fused_masks"]

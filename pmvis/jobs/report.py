@@ -15,7 +15,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset dir")
-    parser.add_argument("--raw", type=Path, required=True, metavar="OUT", help="pseudo-masks output dir (holds raw/)")
+    parser.add_argument("--pseudo-masks", type=Path, required=True, metavar="OUT",
+                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
     parser.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="where report.json and plots go")
     parser.add_argument("--truth", type=Path, help="true masks (default DIR/truth.json when it exists)")
     parser.add_argument("--annotations", help="annotation file inside DIR (default annotations.json)")
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pmvis.platform.report import ReportConfig, build_report, format_report
 
     config = load_config(ReportConfig, args.config)
-    result = build_report(args.data, args.raw, args.out, config, truth=args.truth, annotations=args.annotations,
+    result = build_report(args.data, args.pseudo_masks, args.out, config, truth=args.truth, annotations=args.annotations,
                           tracking_uri=args.tracking_uri)
     print(format_report(result))
     print(f"report in {args.out} (plots: {', '.join(result['plots'])}); MLflow run {result['mlflow_run_id']}")

@@ -26,7 +26,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, metavar="NAME|FILE", help="search space: packaged name or YAML file")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
-    parser.add_argument("--raw", required=True, type=Path, metavar="OUT", help="pseudo-masks output directory (reads OUT/raw)")
+    parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
+                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
     parser.add_argument("--samples", type=int, default=10, metavar="N", help="trials to draw (× the grid size) (default 10)")
     parser.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
                         help="random draws; grid: every choice knob as a grid; optuna: TPE")
@@ -59,7 +60,7 @@ def build_sweep_config(args: argparse.Namespace):
     from pmvis.platform.tune.trials import split_overrides
 
     train, fuse, filt = split_overrides(parse_dotlist(args.overrides))
-    return SweepConfig(space=args.space, data_dir=str(args.data), raw=str(args.raw), name=args.name,
+    return SweepConfig(space=args.space, data_dir=str(args.data), pseudo_masks=str(args.pseudo_masks), name=args.name,
                        storage_path=str(args.storage), samples=args.samples, search=args.search,
                        scheduler=args.scheduler, gpus_per_trial=args.gpus_per_trial, iterations=args.iterations,
                        preset=args.preset, train_overrides=train, fuse_overrides=fuse, filter_overrides=filt,
@@ -68,31 +69,14 @@ def build_sweep_config(args: argparse.Namespace):
                        **({} if args.trial_retries is None else {"trial_retries": args.trial_retries}))
 
 
-def format_result(result) -> str:
-    from pmvis.platform.tune.results import format_table
-
-    lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
-             + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",
-             format_table(result.rows)]
-    lines += [f"  {r.failure_line()}" for r in result.rows if r.error]
-    if result.best is not None:
-        lines.append(f"best trial:  {result.best.trial_id} (eval_AP {result.best.ap:.3f})")
-        lines.append(f"best config: {result.best_config_path} (pmvis train --config ...)")
-        lines.append(f"best knobs:  {result.best_trial_path}")
-    else:
-        lines.append("best trial:  none (no trial reported eval_AP)")
-    lines.append(f"results:     {result.results_path}")
-    lines.append(f"MLflow:      experiment {result.experiment} ({result.tracking_uri})")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     from pmvis.platform.cluster import connect
+    from pmvis.platform.tune.results import format_sweep_result
     from pmvis.platform.tune.sweep import prepare_sweep, run_sweep
 
     cfg = build_sweep_config(args)
     plan = prepare_sweep(cfg)  # every input check, before Ray starts
     connect(args.address)
     result = run_sweep(cfg, plan)
-    print(format_result(result))
+    print(format_sweep_result(result))
     return 0 if result.best is not None else 1

@@ -19,6 +19,12 @@ from typing import Any
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
 from pmvis.platform.experiments import DB_NAME, DEFAULT_STORE_DIR
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."
@@ -72,10 +78,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def _fetch_runs(experiment: str, tracking_uri: str):
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -106,7 +108,6 @@ def _resolve_metric(runs: Any, metric: str) -> str | None:
 def compare_runs(experiment: str, *, metric: str = "AP", mode: str = "max",
                  tracking_uri: str | None = None) -> Comparison:
     """Fetch the runs of ``experiment`` and order them best first by ``metric``."""
-    import pandas as pd
 
     if mode not in ("max", "min"):
         raise PmvisError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -187,7 +188,6 @@ def format_comparison(c: Comparison) -> str:
 
 def _numeric(series):
     """The series as floats if every non-null value is a number (booleans stay categorical)."""
-    import pandas as pd
 
     values = series.dropna().astype(str)
     if values.empty or values.str.lower().isin(["true", "false"]).any():
@@ -200,8 +200,6 @@ def _numeric(series):
 
 def plot_comparison(c: Comparison, path: str | os.PathLike) -> None:
     """``path`` (PNG, atomic): the metric against each differing param, best run starred."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     t = c.table
     y = t[c.metric_column].astype(float)

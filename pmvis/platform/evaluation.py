@@ -31,6 +31,8 @@ import numpy as np
 from pmvis.core.errors import PmvisError
 from pmvis.platform.data.ytvis import Annotation, Result, YTVISDataset
 from pmvis.core.masks import Rle
+from pmvis.kernels.rle import pair_intersections
+from pmvis.kernels.rle import parse_counts
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -65,7 +67,6 @@ class _Tracks:
                    where: str = "one video") -> list["_Tracks"]:
         """Parse every mask of ``track_sets`` (one video's, one frame size) once, in one call;
         ``where`` names the video in the error when the masks do not share one frame size."""
-        from pmvis.kernels.rle import parse_counts  # numba: imported where masks are compared
 
         counts: list[str] = []
         sizes: set[tuple[int, int]] = set()
@@ -111,7 +112,6 @@ def _iou_upper_bound(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
 def _pair_intersections(d: _Tracks, g: _Tracks, pairs: np.ndarray) -> np.ndarray:
     """Exact Σ_t |D∩G| of the (detection, ground truth) index ``pairs`` (one run walk per pair-frame
     where both have a mask; ``d`` and ``g`` from one ``_Tracks.build_many``)."""
-    from pmvis.kernels.rle import pair_intersections
 
     if d.runs is not g.runs:
         raise ValueError("detections and ground truth must come from one _Tracks.build_many call")

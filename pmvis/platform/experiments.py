@@ -13,6 +13,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.entities import Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.entities import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +61,6 @@ def ensure_experiment(name: str, tracking_uri: str) -> str:
     Concurrent sweep trials start their trainings together and may both find the experiment
     missing: the loser of the create race takes the winner's experiment instead of failing.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
@@ -83,7 +86,6 @@ def mlflow_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
     """Start a run in ``experiment`` with ``params`` (nested dicts are flattened) logged up front."""
-    import mlflow
 
     uri = tracking_uri or default_tracking_uri()
     experiment_id = ensure_experiment(experiment, uri)
@@ -107,7 +109,6 @@ class MetricsLogger:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -130,9 +131,6 @@ class MetricsLogger:
 def open_run(cfg: Any, run_dir: str, resume_meta: Mapping[str, Any] | None) -> str:
     """The MLflow run of a training run (its config as params): on resume the checkpoint's run,
     re-opened, with the params that changed noted in a tag; else a new run."""
-    from mlflow.entities import Param, RunStatus
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     uri = cfg.tracking_uri
     client = MlflowClient(uri)
@@ -162,3 +160,15 @@ def open_run(cfg: Any, run_dir: str, resume_meta: Mapping[str, Any] | None) -> s
     for i in range(0, len(items), 100):  # MLflow: at most 100 params per batch
         client.log_batch(run_id, params=items[i:i + 100])
     return run_id
+
+
+def retire_runs(tracking_uri: str, experiments: tuple[str, ...]) -> None:
+    """Soft-delete the runs of the demo's own sweep experiments (MLflow keeps them restorable)."""
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            continue
+        for run in client.search_runs([exp.experiment_id], max_results=10000):
+            client.delete_run(run.info.run_id)

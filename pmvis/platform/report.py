@@ -23,6 +23,12 @@ from pmvis.platform.pseudo.store import RAW_DIRNAME
 from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset
 from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
 from pmvis.core.masks import decode_mask
+import matplotlib
+import matplotlib.pyplot as plt
+import cv2
+from pmvis.platform.predict import filled_box_results
+from pmvis.platform.pseudo.refine import refine
+from pmvis.platform.experiments import mlflow_run
 
 IOU_LEVELS = (0.5, 0.75)
 
@@ -76,10 +82,7 @@ def _filter_scores(report: list[dict], defects: list[dict]) -> dict[str, Any]:
 
 
 def _plot_quality(quality: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = list(quality)
     metrics = ["mean_iou"] + [f"share_above_{lv}" for lv in IOU_LEVELS]
@@ -100,10 +103,7 @@ def _plot_quality(quality: dict[str, dict], path: Path) -> None:
 
 
 def _plot_histograms(quality: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     bins = np.linspace(0, 1, 21)
@@ -121,11 +121,8 @@ def _plot_histograms(quality: dict[str, dict], path: Path) -> None:
 
 def _plot_examples(gt: YTVISDataset, masks: dict[str, dict[int, list]], n: int, path: Path) -> None:
     """A few frames, one column per source, masks drawn as coloured overlays with outlines."""
-    import cv2
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     picks: list[tuple[int, int]] = []
     for vid, anns in sorted(gt.annotations_by_video().items()):
@@ -170,7 +167,7 @@ def _plot_examples(gt: YTVISDataset, masks: dict[str, dict[int, list]], n: int, 
 
 def build_report(
     data_dir: str | os.PathLike,
-    pseudo_dir: str | os.PathLike,
+    pseudo_masks_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     config: ReportConfig,
     *,
@@ -179,13 +176,10 @@ def build_report(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Compute the report, write ``out_dir/report.json`` and PNGs, log one MLflow run; return it."""
-    from pmvis.platform.predict import filled_box_results
-    from pmvis.platform.pseudo.refine import refine
-    from pmvis.platform.experiments import mlflow_run
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     gt = load_dataset_dir(data_dir, annotations)
-    refined = refine(Path(pseudo_dir) / RAW_DIRNAME, gt, fuse=config.filter.fuse, filt=config.filter,
+    refined = refine(Path(pseudo_masks_dir) / RAW_DIRNAME, gt, fuse=config.filter.fuse, filt=config.filter,
                      read_all=True)  # every source: the report shows each one
     tracks, fused, filter_report = refined.tracks, refined.fused, refined.filter_report
 
@@ -195,7 +189,7 @@ def build_report(
     masks["fused"] = {a.id: a.segmentations for a in fused.annotations}
     masks["filled box"] = {a.id: r.segmentations for a, r in zip(gt.annotations, filled_box_results(gt))}
 
-    result: dict[str, Any] = {"data": str(data_dir.resolve()), "pseudo_masks": str(Path(pseudo_dir).resolve()),
+    result: dict[str, Any] = {"data": str(data_dir.resolve()), "pseudo_masks": str(Path(pseudo_masks_dir).resolve()),
                               "sources": sorted({t.source for t in tracks}),
                               "filter_findings": {k: sum(r["kind"] == k for r in filter_report)
                                                   for k in ("inaccurate", "missing")}}

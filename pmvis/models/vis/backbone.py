@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from pmvis.core.errors import PmvisError
+import timm
+from timm.layers import freeze_batch_norm_2d
 
 # optional in a checkpoint: BatchNorm's step counter
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -22,8 +24,6 @@ _NESTED_KEYS = ("state_dict", "model")
 
 
 def _feature_strides(name: str) -> list[int]:
-    import timm  # here, not at module import: timm takes seconds, and only model builders need it
-
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, features_only=True, pretrained=False)
@@ -44,8 +44,6 @@ class Backbone(nn.Module):
         if missing:
             raise PmvisError(f"backbone {name!r} has feature strides {available}, not {missing}")
         indices = tuple(available.index(s) for s in strides)
-        import timm
-        from timm.layers import freeze_batch_norm_2d
 
         self.body = timm.create_model(name, features_only=True, pretrained=False, out_indices=indices)
         self.strides = list(strides)

@@ -19,6 +19,7 @@ from pmvis.models.vis.config import ModelConfig
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
+from pmvis.models.vis import build_model
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -119,7 +120,6 @@ def check_compatible(state: dict[str, Any], model_cfg: ModelConfig) -> None:
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the checkpoint's architecture and load its weights; returns (model in eval mode, cfg, state)."""
-    from pmvis.models.vis import build_model
 
     state = read_checkpoint(path)
     cfg = checkpoint_model_config(state)

@@ -37,7 +37,6 @@ multiple of ``size_divisibility``.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -55,8 +54,8 @@ from pmvis.core.masks import Rle, encode_mask
 from .boxes import cxcywh_to_xyxy
 from .idol import normalize_images
 from pmvis.models.vis.association import MemoryBankTracker
+from torchvision.ops import nms
 
-log = logging.getLogger("pmvis.inference")
 
 
 class InferenceConfig(StrictConfig):
@@ -129,7 +128,6 @@ class Track:
 
 def box_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Indices (descending score) of the boxes kept by class-agnostic NMS at IoU ``threshold``."""
-    from torchvision.ops import nms
 
     if boxes_xyxy.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes_xyxy.device)

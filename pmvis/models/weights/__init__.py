@@ -2,7 +2,7 @@
 
 ``tiny_synthetic.pt``: the tiny model (``ModelConfig.tiny``, 5 synthetic categories) pretrained
 with box labels only on synthetic stills made into pseudo videos — the start point of every
-training in `pmvis demo`. Made by (see :mod:`pmvis.jobs.pretrain`)::
+training in `pmvis demo`. Made by (see :mod:`pmvis.platform.train.pretrain`)::
 
     pmvis pretrain --synthetic 300 --preset tiny --export pmvis/models/weights/tiny_synthetic.pt
 """

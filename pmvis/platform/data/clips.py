@@ -31,6 +31,10 @@ from pmvis.core.errors import PmvisError
 from pmvis.platform.data.ytvis import Annotation
 from pmvis.core.masks import decode_mask
 from pmvis.platform.data.vis_data import DataConfig, TrainingData
+from pmvis.models.vis import normalize_images
+from pmvis.models.vis import FrameTargets, box_masks_from_boxes, lab_images, valid_masks, valid_sizes
+import cv2
+from pmvis.models.vis import mask_targets
 
 
 def _has_box(box: Sequence[float] | None) -> bool:
@@ -88,7 +92,6 @@ class ClipBatch:
     flipped: list[bool]
     stride: int
 
-
     @property
     def num_frames(self) -> int:
         return len(self.labels[0])
@@ -99,14 +102,12 @@ class ClipBatch:
 
     def model_inputs(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised float images, padding mask) on ``device``."""
-        from pmvis.models.vis import normalize_images
 
         return (normalize_images(self.images.to(device, non_blocking=True)),
                 self.padding_mask.to(device, non_blocking=True))
 
     def targets(self, device: torch.device | str, *, bottom_pixels: int) -> list[list[Any]]:
         """``FrameTargets[b][t]`` on ``device``: LAB images and valid masks are computed there."""
-        from pmvis.models.vis import FrameTargets, box_masks_from_boxes, lab_images, valid_masks, valid_sizes
 
         s = self.stride
         images = self.images.to(device, non_blocking=True)
@@ -274,8 +275,6 @@ class ClipSampler:
     # -- loading -------------------------------------------------------------------------------
 
     def load_clip(self, video: _VideoIndex, frames: list[int], size: tuple[int, int], flip: bool) -> list[_Frame]:
-        import cv2
-
         ds = self.data.dataset
         v = ds.videos[video.video_id]
         h, w = size
@@ -327,7 +326,6 @@ class ClipSampler:
 
     def collate(self, clips: list[list[_Frame]], video_ids: list[int], frame_indices: list[list[int]],
                 flipped: list[bool]) -> ClipBatch:
-        from pmvis.models.vis import mask_targets
 
         div, s = self.cfg.size_divisibility, self.stride
         max_h = max(f.image.shape[0] for c in clips for f in c)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import Rle
+import cv2
 
 # Largest accepted frame side (pixels): 16K video is 15360 wide. A bound keeps every mask
 # decode (H * W bytes) and every pycocotools size field small, whatever a file claims.
@@ -131,7 +132,6 @@ class YTVISDataset:
         The bytes are read by Python and decoded by ``cv2.imdecode``: ``cv2.imread`` crashes the
         process on a name that is not valid UTF-8 and decodes a truncated JPEG without an error.
         """
-        import cv2
 
         video = self.videos[video_id]
         path = self.checked_frame_path(video_id, frame)

@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 from pmvis.models.fusion import FuseConfig
 from pmvis.platform.pseudo.fuse import fuse_with_stats, index_tracks
 from pmvis.core.config import StrictConfig
-from pmvis.platform.pseudo.store import RawTrack
+from pmvis.platform.pseudo.store import RawMasks
 from pmvis.platform.data.ytvis import Annotation, YTVISDataset
 from pmvis.core.masks import rle_areas, to_coco_rles
 
@@ -80,7 +80,7 @@ def _copy_annotation(a: Annotation) -> Annotation:
 
 def filter_annotations(
     gt: YTVISDataset,
-    raw_tracks: Iterable[RawTrack] | Mapping[int, Mapping[str, RawTrack]],
+    raw_tracks: Iterable[RawMasks] | Mapping[int, Mapping[str, RawMasks]],
     config: FilterConfig,
 ) -> tuple[YTVISDataset, list[dict[str, Any]]]:
     """Apply RIA and Missing-Data to ``gt``; return the cleaned dataset and the report.

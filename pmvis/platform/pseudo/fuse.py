@@ -28,14 +28,14 @@ from pmvis.models.fusion import (
     vote_rle,
 )
 from pmvis.platform.data.ytvis import Annotation, YTVISDataset
-from pmvis.platform.pseudo.store import RawTrack, tracks_by_annotation
+from pmvis.platform.pseudo.store import RawMasks, raw_masks_by_annotation
 
-TrackIndex = dict[int, dict[str, RawTrack]]
+TrackIndex = dict[int, dict[str, RawMasks]]
 
 
 def index_tracks(
     dataset: YTVISDataset,
-    raw_tracks: Iterable[RawTrack] | Mapping[int, Mapping[str, RawTrack]],
+    raw_tracks: Iterable[RawMasks] | Mapping[int, Mapping[str, RawMasks]],
     sources: Sequence[str] | None,
 ) -> tuple[TrackIndex, list[str]]:
     """Index tracks by annotation and source, and check them against ``dataset``.
@@ -47,7 +47,7 @@ def index_tracks(
     if isinstance(raw_tracks, Mapping):
         by_ann: TrackIndex = {int(a): dict(d) for a, d in raw_tracks.items()}
     else:
-        by_ann = tracks_by_annotation(raw_tracks)
+        by_ann = raw_masks_by_annotation(raw_tracks)
     available = sorted({s for d in by_ann.values() for s in d})
     if sources is None:
         order = available
@@ -96,7 +96,7 @@ def index_tracks(
 
 def fuse_with_stats(
     dataset: YTVISDataset,
-    raw_tracks: Iterable[RawTrack] | Mapping[int, Mapping[str, RawTrack]],
+    raw_tracks: Iterable[RawMasks] | Mapping[int, Mapping[str, RawMasks]],
     config: FuseConfig,
 ) -> tuple[YTVISDataset, dict[str, Any]]:
     """:func:`fuse_annotations` plus its statistics (also stored in ``info["fusion"]``).
@@ -226,7 +226,7 @@ def fuse_with_stats(
 
 def fuse_annotations(
     dataset: YTVISDataset,
-    raw_tracks: Iterable[RawTrack] | Mapping[int, Mapping[str, RawTrack]],
+    raw_tracks: Iterable[RawMasks] | Mapping[int, Mapping[str, RawMasks]],
     config: FuseConfig,
 ) -> YTVISDataset:
     """The fused pseudo-mask training annotations for ``dataset`` (its GT boxes prompt the fusion).
@@ -237,7 +237,7 @@ def fuse_annotations(
     survives, is None. Each annotation's ``extra`` gets ``quality`` (mean per-frame quality over
     its fused frames, None if none; usable as a pseudo-mask loss weight), ``frame_quality`` and
     ``frame_source`` (per frame; None where there is no fused mask). ``raw_tracks`` is a list of
-    :class:`RawTrack` (as :func:`read_raw` returns) or its :func:`tracks_by_annotation` index.
+    :class:`RawMasks` (as :func:`read_raw` returns) or its :func:`raw_masks_by_annotation` index.
     Statistics are in ``info["fusion"]["stats"]`` (see :func:`fuse_with_stats`).
     """
     return fuse_with_stats(dataset, raw_tracks, config)[0]

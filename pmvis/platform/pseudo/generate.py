@@ -50,6 +50,10 @@ from pmvis.platform.pseudo.store import (
 )
 from pmvis.platform.pseudo.workers import SourceRunner, encode_batch, run_cpu_source
 from pmvis.platform.pseudo.plan import PseudoMaskConfig, PseudoMaskPlan, read_manifest, what_changed, write_manifest, prepare_pseudo_masks
+import ray.data
+from ray.data import ActorPoolStrategy
+from tqdm import tqdm
+from pmvis.models.sources.base import get_source_spec
 
 # Attempts after the first for a (source, video) whose worker crashed (segfault, OOM kill, lost
 # actor). Errors raised by a source are never retried: they come back as the video's error row.
@@ -97,7 +101,6 @@ class _ErrorCollector(logging.Handler):
 def _tolerate_lost_videos() -> Iterator[_ErrorCollector]:
     """A block (= one video) whose task still fails after its retries is dropped, not fatal to the
     whole job; its error is collected. Restores the DataContext setting afterwards."""
-    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     before = ctx.max_errored_blocks
@@ -134,11 +137,6 @@ def generate_pseudo_masks(
     and regenerated (``RunSummary.regenerated`` says why). Raises PmvisError listing the failed
     videos after every other video has been written.
     """
-    import ray.data
-    from ray.data import ActorPoolStrategy
-    from tqdm import tqdm
-
-    from pmvis.models.sources.base import get_source_spec
 
     start = time.perf_counter()
     if plan is None:

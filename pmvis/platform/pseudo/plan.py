@@ -26,6 +26,7 @@ from pmvis.platform.pseudo.store import (
 from pmvis.platform.data.ytvis import YTVISDataset
 from pmvis.platform.data.ytvis_io import load_dataset_dir
 from pmvis.platform.pseudo.workers import import_plugins
+from pmvis.models.sources.base import get_source_spec
 
 
 MANIFEST_FILENAME = "manifest.json"
@@ -94,7 +95,6 @@ class PseudoMaskPlan:
 
 def _source_config(name: str, options: dict[str, Any]) -> Any:
     """``options`` validated into the source's typed config; errors name the option."""
-    from pmvis.models.sources.base import get_source_spec
 
     spec = get_source_spec(name)
     try:
@@ -172,7 +172,6 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 def _init_source(name: str, cfg: Any) -> str | None:
     """The source whose masks seed ``name``: its config's ``init_from`` knob, else the spec's default."""
-    from pmvis.models.sources.base import get_source_spec
 
     return getattr(cfg, "init_from", None) or get_source_spec(name).needs_init_from
 

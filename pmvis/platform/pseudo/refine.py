@@ -18,14 +18,14 @@ from pmvis.models.fusion import FuseConfig
 from pmvis.platform.data.ytvis import YTVISDataset
 from pmvis.platform.pseudo.filters import FilterConfig, filter_annotations
 from pmvis.platform.pseudo.fuse import fuse_with_stats
-from pmvis.platform.pseudo.store import RawTrack, read_raw
+from pmvis.platform.pseudo.store import RawMasks, read_raw
 
 
 @dataclass
 class Refined:
     """What :func:`refine` made; a part not asked for is None."""
 
-    tracks: list[RawTrack]  # what was read from the store
+    tracks: list[RawMasks]  # what was read from the store
     fused: YTVISDataset | None  # fused pseudo-mask annotations (``info["fusion"]`` holds config and stats)
     fuse_stats: dict[str, Any] | None
     cleaned: YTVISDataset | None  # the filtered annotations (``info["filter"]`` holds config and counts)

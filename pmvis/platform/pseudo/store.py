@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pmvis.core.errors import PmvisError
@@ -44,7 +45,7 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class RawTrack:
+class RawMasks:
     """One source's masks for one annotation."""
 
     video_id: int
@@ -81,7 +82,7 @@ def done_videos(raw_dir: str | os.PathLike, source: str) -> set[int]:
     return {vid for src, vid in stored_video_files(raw_dir).values() if src == source}
 
 
-def rows_from_tracks(tracks: Iterable[RawTrack], height: int, width: int) -> dict[str, list]:
+def rows_from_raw_masks(tracks: Iterable[RawMasks], height: int, width: int) -> dict[str, list]:
     cols: dict[str, list] = {name: [] for name in SCHEMA.names}
     for t in tracks:
         cols["video_id"].append(t.video_id)
@@ -114,20 +115,27 @@ def resolve_raw_dir(out_dir: str | os.PathLike) -> Path:
                      f"run `pmvis pseudo-masks` first)")
 
 
-# The stored files' names, as raw_file() writes them.
+# A stored file's name inside its hive partition ``source=<name>/``, as raw_file() writes it.
 _VIDEO_FILE = re.compile(r"video_(\d+)\.parquet")
+PARTITIONING = ds.partitioning(pa.schema([("source", pa.string())]), flavor="hive")
 
 
 def stored_video_files(raw_dir: str | os.PathLike) -> dict[Path, tuple[str, int]]:
-    """The store's files (path -> (source, video id)), sorted by path: regular files named as
-    raw_file() names them. Anything else (notes, our own ``.tmp`` files, folders without the
-    ``source=`` prefix, other tools' files) is not part of the store and is ignored."""
+    """The store's files (path -> (source, video id)), sorted by path, discovered as a hive-partitioned
+    Parquet dataset (the source from the ``source=`` folder). Only files named as raw_file() names
+    them, directly in a source folder, count: anything else (notes, our own ``.tmp`` files, which
+    pyarrow skips by their leading dot, other tools' files) is not part of the store."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return {}
     out: dict[Path, tuple[str, int]] = {}
-    for f in sorted(Path(raw_dir).glob("source=*/*.parquet")):
-        m = _VIDEO_FILE.fullmatch(f.name)
-        if m and f.is_file():
-            out[f] = (f.parent.name.split("=", 1)[1], int(m.group(1)))
-    return out
+    for fragment in ds.dataset(raw_dir, format="parquet", partitioning=PARTITIONING, schema=SCHEMA).get_fragments():
+        path = Path(fragment.path)
+        source = ds.get_partition_keys(fragment.partition_expression).get("source")
+        m = _VIDEO_FILE.fullmatch(path.name)
+        if m and source is not None and path.parent == source_dir(raw_dir, source):
+            out[path] = (source, int(m.group(1)))
+    return dict(sorted(out.items()))
 
 
 def stored_sources(raw_dir: str | os.PathLike) -> list[str]:
@@ -173,7 +181,7 @@ def _check_rows(path: Path, d: dict[str, list], source: str, video_id: int) -> N
     problems.raise_if_any()
 
 
-def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None) -> list[RawTrack]:
+def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None) -> list[RawMasks]:
     """Every stored track (optionally only some sources); an empty or missing store, a requested
     source absent from it, or a corrupt file (PmvisError naming file, video, annotation, frame)
     is an error. Files not named as the store names them are ignored (see stored_video_files)."""
@@ -189,7 +197,7 @@ def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None
         files = {f: key for f, key in files.items() if key[0] in sources}
     if not files:
         raise PmvisError(f"{raw_dir}: no raw pseudo masks found (run `pmvis pseudo-masks` first)")
-    tracks: list[RawTrack] = []
+    tracks: list[RawMasks] = []
     for f, (source, video_id) in files.items():
         try:
             table = pq.read_table(f, schema=SCHEMA)
@@ -199,7 +207,7 @@ def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None
         _check_rows(f, d, source, video_id)
         for i in range(table.num_rows):
             size = [d["height"][i], d["width"][i]]
-            tracks.append(RawTrack(
+            tracks.append(RawMasks(
                 video_id=d["video_id"][i],
                 annotation_id=d["annotation_id"][i],
                 source=d["source"][i],
@@ -209,9 +217,9 @@ def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None
     return tracks
 
 
-def tracks_by_annotation(tracks: Iterable[RawTrack]) -> dict[int, dict[str, RawTrack]]:
+def raw_masks_by_annotation(tracks: Iterable[RawMasks]) -> dict[int, dict[str, RawMasks]]:
     """annotation id -> source -> track."""
-    out: dict[int, dict[str, RawTrack]] = {}
+    out: dict[int, dict[str, RawMasks]] = {}
     for t in tracks:
         out.setdefault(t.annotation_id, {})[t.source] = t
     return out

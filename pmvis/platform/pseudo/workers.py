@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 from pmvis.core.errors import PmvisError
 from pmvis.platform.pseudo.store import (
-    RawTrack,
-    rows_from_tracks,
+    RawMasks,
+    rows_from_raw_masks,
 )
 from pmvis.platform.data.ytvis_io import load_dataset_dir
 from pmvis.core.masks import encode_mask
+from pmvis.platform.data.ytvis import ANNOTATIONS_FILENAME
+from pmvis.models.sources.base import SourceMasks, VideoInput
+from pmvis.models.sources.base import build_source
 
 
 def import_plugins(plugins: list[str]) -> None:
@@ -38,15 +41,12 @@ def _cached_dataset(data_dir: str, annotations: str | None, mtime_ns: int):
 
 def _dataset(data_dir: str, annotations: str | None):
     """The dataset, parsed once per worker process (re-read if the file changed)."""
-    from pmvis.platform.data.ytvis import ANNOTATIONS_FILENAME
 
     path = Path(data_dir) / (annotations or ANNOTATIONS_FILENAME)
     return _cached_dataset(data_dir, annotations, path.stat().st_mtime_ns)
 
 
 def _video_input(data_dir: str, annotations: str | None, video_id: int, init_blob: bytes | None):
-    from pmvis.models.sources.base import SourceMasks, VideoInput
-
     ds = _dataset(data_dir, annotations)
     anns = ds.annotations_by_video()[video_id]
     init: dict[int, SourceMasks] = {}
@@ -80,8 +80,6 @@ class SourceRunner:
     """Builds a source once per worker and applies it to batches of videos (batch_size=1)."""
 
     def __init__(self, name: str, options: dict, plugins: list[str], data_dir: str, annotations: str | None):
-        from pmvis.models.sources.base import build_source
-
         self.name = name
         self.data_dir = data_dir
         self.annotations = annotations
@@ -142,10 +140,10 @@ def encode_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
             tracks = []
             for aid, (stack, present, confs) in data["tracks"].items():
                 segs = [encode_mask(stack[t]) if present[t] else None for t in range(len(present))]
-                tracks.append(RawTrack(video_id=int(video_id), annotation_id=int(aid), source=str(source),
+                tracks.append(RawMasks(video_id=int(video_id), annotation_id=int(aid), source=str(source),
                                        segmentations=segs,
                                        confidences=[None if c is None else float(c) for c in confs]))
-            rows = pickle.dumps(rows_from_tracks(tracks, H, W))
+            rows = pickle.dumps(rows_from_raw_masks(tracks, H, W))
         out["video_id"].append(int(video_id))
         out["source"].append(str(source))
         out["rows"].append(rows)

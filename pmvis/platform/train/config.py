@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from pmvis.core.config import StrictConfig, build_config, merge_values
+from pmvis.core.config import StrictConfig, build_config, merge_values, parse_dotlist, read_config_values
+from pmvis.core.errors import PmvisError
 from pmvis.models.vis.config import LossConfig, ModelConfig
 from pmvis.platform.data.vis_data import DataConfig
 
@@ -120,3 +121,21 @@ class TrainConfig(StrictConfig):
         }
         return build_config(cls, merge_values(values, overrides), source="TrainConfig.tiny")
 
+
+def train_config_from(config_path: str | os.PathLike | None, overrides: list[str], preset: str = "paper", *,
+                      base: dict | None = None) -> TrainConfig:
+    """The TrainConfig of a command: the preset's values (or ``base``, a command's own starting
+    values), then the --config file, then every --set."""
+    source = "config" if config_path is None else str(config_path)
+    values = {} if config_path is None else read_config_values(config_path)
+    values = merge_values(values, parse_dotlist(overrides))
+    if base is not None:
+        values = merge_values(base, values)
+    elif preset == "tiny":
+        data_dir = (values.get("data") or {}).get("data_dir")
+        if not data_dir:
+            raise PmvisError(f"{source}: data.data_dir is required (e.g. --set data.data_dir=DIR)")
+        values = merge_values(TrainConfig.tiny(data_dir).model_dump(mode="json"), values)
+    if not (values.get("data") or {}).get("data_dir"):
+        raise PmvisError(f"{source}: data.data_dir is required (e.g. --set data.data_dir=DIR)")
+    return build_config(TrainConfig, values, source=source)

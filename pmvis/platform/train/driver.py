@@ -49,11 +49,13 @@ from ray.train.torch import TorchTrainer
 from pmvis.core.config import dump_config
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic, write_text_atomic
+from pmvis.core.tables import format_table
 from pmvis.models.vis.backbone import Backbone
 from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
 from pmvis.models.vis.config import ModelConfig
 from pmvis.platform.data.clips import build_sampler
 from pmvis.platform.data.vis_data import load_training_data
+from pmvis.platform.evaluation import METRIC_NAMES
 from pmvis.platform.experiments import default_tracking_uri, open_run
 from pmvis.platform.ray_logs import quiet_ray_train, ray_train_logging_config
 from pmvis.platform.train.checkpoints import (
@@ -336,3 +338,27 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
         best_checkpoint=best, mlflow_run_id=run_id, tracking_uri=cfg.tracking_uri, evaluation=evaluation,
         config_path=config_path, steady_it_per_s=rv.get("steady_it_per_s"))
 
+
+def format_train_result(result: TrainResult) -> str:
+    """What a finished run prints: the last loss terms, the held-out AP/AR, where things went."""
+    m = result.metrics
+    lines = [f"pmvis train: run {result.run_name} — iteration {result.iteration}"
+             + (f" (resumed at {result.start_iteration})" if result.start_iteration else "")]
+    main = ["loss", "class", "l1", "giou", "proj", "pairwise", "pseudo_focal", "pseudo_dice", "mask_focal",
+            "mask_dice", "tk", "track", "track_aux", "lr", "it_per_s"]
+    rows = [(k, m[k]) for k in main if isinstance(m.get(k), (int, float))]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines += [f"  {k:<{width}}  {v:.6g}" for k, v in rows]
+    if result.evaluation:
+        ev = result.evaluation
+        cells = ["   -  " if ev.get(n) is None else f"{ev[n]:6.2f}" for n in METRIC_NAMES]
+        lines.append("held-out evaluation:")
+        lines += ["  " + line for line in format_table(METRIC_NAMES, [cells], align="r" * len(METRIC_NAMES)).splitlines()]
+    else:
+        lines.append("held-out evaluation: none (no held-out videos, or the inference module is not available)")
+    lines.append(f"checkpoint:      {result.checkpoint}")
+    if result.best_checkpoint != result.checkpoint:
+        lines.append(f"best checkpoint: {result.best_checkpoint}")
+    lines.append(f"config:          {result.config_path}")
+    lines.append(f"MLflow run:      {result.mlflow_run_id} ({result.tracking_uri})")
+    return "\n".join(lines)

@@ -54,7 +54,7 @@ class SweepConfig:
 
     space: str  # packaged space name or YAML file
     data_dir: str
-    raw: str  # `pmvis pseudo-masks` output dir (OUT, reads OUT/raw) or the store itself
+    pseudo_masks: str  # `pmvis pseudo-masks` output dir (OUT, reads OUT/raw) or the store itself
     name: str = "pmvis-sweep"
     storage_path: str = "./pmvis-sweeps"
     samples: int = 10

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Union
 from pydantic import BaseModel
 from pmvis.core.errors import PmvisError
+from pmvis.core.config import build_config
+from ray import tune
 
 
 # Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
@@ -117,7 +119,6 @@ def base_config(roots: Iterable[str] | None = None) -> dict[str, Any]:
 def build_roots(config: Mapping[str, Any], roots: Iterable[str] | None = None, *,
                 source: str = "trial config") -> dict[str, BaseModel]:
     """Validate the given root sections of a nested config dict into their models."""
-    from pmvis.core.config import build_config
 
     out: dict[str, BaseModel] = {}
     for root in roots if roots is not None else [r for r in config if r in KNOB_ROOTS]:
@@ -155,8 +156,6 @@ class Knob:
     args: Any
 
     def to_tune(self) -> Any:
-        from ray import tune
-
         if self.kind == "uniform":
             return tune.uniform(*self.args)
         if self.kind == "loguniform":

@@ -8,7 +8,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from pmvis.core.tables import format_table
 from pmvis.platform.tune.config import BEST_CONFIG_FILENAME, BEST_TRIAL_FILENAME, METRIC, TRAIN_RUN_NAME, TRIALS_DIRNAME
+from mlflow.tracking import MlflowClient
+import yaml
+from pmvis.core.config import load_config
+from pmvis.core.io import write_text_atomic
+from pmvis.platform.train.driver import CONFIG_FILENAME
+from pmvis.platform.train.config import TrainConfig
 
 
 @dataclass
@@ -79,7 +86,8 @@ def collect_rows(grid: Any, knob_paths: list[str], iterations: int) -> list[Tria
     return rows
 
 
-def format_table(rows: list[TrialRow]) -> str:
+def format_trials(rows: list[TrialRow]) -> str:
+    """The trials as a text table: id, knobs, eval_AP, iterations trained, status."""
     if not rows:
         return "no trials"
     paths = list(rows[0].knobs)
@@ -87,20 +95,15 @@ def format_table(rows: list[TrialRow]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = [["trial", *paths, METRIC, "iter", "status"]]
-    for r in rows:
-        table.append([r.trial_id, *(fmt(r.knobs.get(p)) for p in paths),
-                      "-" if r.ap is None else f"{r.ap:.3f}", fmt(r.iteration) if r.iteration is not None else "-",
-                      r.status])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    cells = [[r.trial_id, *(fmt(r.knobs.get(p)) for p in paths), "-" if r.ap is None else f"{r.ap:.3f}",
+              fmt(r.iteration) if r.iteration is not None else "-", r.status] for r in rows]
+    return format_table(["trial", *paths, METRIC, "iter", "status"], cells)
 
 
 def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experiment: str) -> list[str]:
     """Mark KILLED the trainer MLflow runs that ended trials left RUNNING: a trial stopped early by
     ASHA is killed with its training, which never closes its run. Errored trials are left as they
     are (a rerun of the sweep resumes them into the same run). Returns the run ids closed."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -119,12 +122,6 @@ def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experime
 
 def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple[str, str]:
     """``best_config.yaml`` (a TrainConfig for `pmvis train --config`) and ``best_trial.yaml``."""
-    import yaml
-
-    from pmvis.core.config import load_config
-    from pmvis.core.io import write_text_atomic
-    from pmvis.platform.train.driver import CONFIG_FILENAME
-    from pmvis.platform.train.config import TrainConfig
 
     trial_dir = sweep_dir / TRIALS_DIRNAME / best.trial_id
     cfg = load_config(TrainConfig, trial_dir / TRAIN_RUN_NAME / CONFIG_FILENAME)
@@ -145,3 +142,20 @@ def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple
     trial_path = sweep_dir / BEST_TRIAL_FILENAME
     write_text_atomic(trial_path, yaml.safe_dump(info, sort_keys=False))
     return str(config_path), str(trial_path)
+
+
+def format_sweep_result(result: SweepResult) -> str:
+    """What a finished sweep prints: every trial (best first), failures, the best trial's files."""
+    lines = [f"pmvis sweep {result.name}: {len(result.rows)} trials"
+             + (" (resumed)" if result.restored else "") + f", up to {result.max_concurrent} at once",
+             format_trials(result.rows)]
+    lines += [f"  {r.failure_line()}" for r in result.rows if r.error]
+    if result.best is not None:
+        lines.append(f"best trial:  {result.best.trial_id} (eval_AP {result.best.ap:.3f})")
+        lines.append(f"best config: {result.best_config_path} (pmvis train --config ...)")
+        lines.append(f"best knobs:  {result.best_trial_path}")
+    else:
+        lines.append("best trial:  none (no trial reported eval_AP)")
+    lines.append(f"results:     {result.results_path}")
+    lines.append(f"MLflow:      experiment {result.experiment} ({result.tracking_uri})")
+    return "\n".join(lines)

@@ -50,6 +50,19 @@ from pmvis.core.errors import PmvisError
 from pmvis.platform.tune.config import METRIC, MODE, RESULTS_FILENAME, SCHEDULERS, SEARCHES, SweepConfig, TRIALS_DIRNAME, TUNE_VERBOSITY
 from pmvis.platform.tune.trials import base_train_values, trial_configs, trial_driver
 from pmvis.platform.tune.results import SweepResult, close_stopped_trainer_runs, collect_rows, write_best
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from pmvis.core.config import build_config
+from pmvis.platform.train.config import TrainConfig
+import ray
+from pmvis.platform.pseudo.store import resolve_raw_dir
+from pmvis.platform.tune.search_spaces import load_space
+from pmvis.platform.experiments import default_tracking_uri
+from pmvis.platform.data.ytvis_io import load_dataset_dir
+from ray import tune
+from pmvis.core.io import write_json_atomic
+from pmvis.platform.experiments import ensure_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -130,21 +143,15 @@ def build_search_alg(space: Any, search: str, seed: int | None, max_concurrent: 
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode=MODE, seed=seed), max_concurrent=max_concurrent)
 
 
 def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     if scheduler == "fifo":
         return FIFOScheduler()
     if scheduler != "asha":
         raise PmvisError(f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})")
-    from pmvis.core.config import build_config
-    from pmvis.platform.train.config import TrainConfig
 
     t = build_config(TrainConfig, {**train_values, "data": {**train_values["data"], "pseudo_annotations": "x"}},
                      source="sweep train config")
@@ -160,7 +167,6 @@ def build_scheduler(scheduler: str, train_values: Mapping[str, Any]) -> Any:
 def max_concurrent_trials(train_values: Mapping[str, Any], gpus_per_trial: int) -> int:
     """Trials that fit the connected cluster at once: CPUs / (workers × cpus per worker), and
     GPUs / gpus per trial (the trial driver itself takes no CPU)."""
-    import ray
 
     total = ray.cluster_resources()
     workers = int(train_values.get("num_workers", 1))
@@ -177,8 +183,6 @@ def max_concurrent_trials(train_values: Mapping[str, Any], gpus_per_trial: int) 
 
 
 def _resolve_raw(raw: str) -> str:
-    from pmvis.platform.pseudo.store import resolve_raw_dir
-
     return str(Path(resolve_raw_dir(raw)).resolve())
 
 
@@ -198,9 +202,6 @@ def prepare_sweep(cfg: SweepConfig) -> SweepPlan:
     """Every check of a sweep that needs no Ray (flags, search space, train config, dataset, raw
     store, one sampled trial's configs). Call it before connecting: bad input then fails in a
     second instead of after a Ray start-up."""
-    from pmvis.platform.tune.search_spaces import load_space
-    from pmvis.platform.experiments import default_tracking_uri
-    from pmvis.platform.data.ytvis_io import load_dataset_dir
 
     if cfg.samples < 1:
         raise PmvisError(f"--samples must be ≥ 1, got {cfg.samples}")
@@ -228,7 +229,7 @@ def prepare_sweep(cfg: SweepConfig) -> SweepPlan:
     filter_on = cfg.filter == "on" or (cfg.filter == "auto" and "filter" in space.roots)
     ctx = {
         "name": cfg.name, "sweep_dir": str(sweep_dir), "data_dir": train_values["data"]["data_dir"],
-        "raw_dir": _resolve_raw(cfg.raw), "eval_annotations": str(Path(dataset.path).resolve()),
+        "raw_dir": _resolve_raw(cfg.pseudo_masks), "eval_annotations": str(Path(dataset.path).resolve()),
         "knob_paths": list(space.knobs), "train_values": train_values, "tracking_uri": tracking_uri,
         "fuse_overrides": cfg.fuse_overrides, "filter_overrides": cfg.filter_overrides, "filter_on": filter_on,
     }
@@ -242,12 +243,6 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
     """Run (or resume: the same name and storage path) a sweep on the connected Ray cluster.
 
     ``plan``: from :func:`prepare_sweep` (made here when not given)."""
-    import ray
-    from ray import tune
-
-    from pmvis.core.io import write_json_atomic
-    from pmvis.platform.experiments import ensure_experiment
-    from pmvis.platform.train.config import TrainConfig
 
     if plan is None:
         plan = prepare_sweep(cfg)

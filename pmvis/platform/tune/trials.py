@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Any, Mapping
 from pmvis.core.errors import PmvisError
 from pmvis.platform.tune.config import CLEAN_FILENAME, PSEUDO_FILENAME, SweepConfig, TRAIN_ROOTS, TRAIN_RUN_NAME, TRIALS_DIRNAME
+from pmvis.core.config import build_config
+from pmvis.platform.train.config import TrainConfig
+from pmvis.core.config import merge_values
+from pmvis.platform.pseudo.filters import FilterConfig
+from pmvis.models.fusion import FuseConfig
+from pmvis.core.config import apply_dotted
+from pmvis.platform.tune.knobs import base_config
+from pmvis.core.io import write_json_atomic
+from pmvis.platform.pseudo.refine import refine
+from pmvis.platform.data.ytvis_io import load_dataset_dir, save_ytvis
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from pmvis.core.config import dump_config
+from pmvis.core.io import write_text_atomic
+from pmvis.platform.train.driver import run_training
 
 
 def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
@@ -27,9 +42,6 @@ def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
 def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
     """The TrainConfig values every trial starts from (preset, --set, --iterations, sweep defaults);
     validated once here, before Ray starts."""
-    from pmvis.core.config import build_config
-    from pmvis.platform.train.config import TrainConfig
-    from pmvis.core.config import merge_values
 
     values = copy.deepcopy(cfg.train_overrides)
     data = dict(values.get("data") or {})
@@ -63,12 +75,6 @@ def base_train_values(cfg: SweepConfig) -> dict[str, Any]:
 
 def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any, Any | None, dict[str, Any]]:
     """(FuseConfig, FilterConfig or None, TrainConfig values without the data files) of one trial."""
-    from pmvis.platform.pseudo.filters import FilterConfig
-    from pmvis.models.fusion import FuseConfig
-    from pmvis.core.config import build_config
-    from pmvis.core.config import apply_dotted
-    from pmvis.platform.tune.knobs import base_config
-    from pmvis.core.config import merge_values
 
     source = f"sweep {ctx['name']}"
     by_root: dict[str, dict[str, Any]] = {}
@@ -96,9 +102,6 @@ def trial_configs(knobs: Mapping[str, Any], ctx: Mapping[str, Any]) -> tuple[Any
 
 def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mapping[str, Any]) -> tuple[str, str]:
     """Re-fuse (and re-filter) from the raw store into ``trial_dir``; (annotations, pseudo) paths."""
-    from pmvis.core.io import write_json_atomic
-    from pmvis.platform.pseudo.refine import refine
-    from pmvis.platform.data.ytvis_io import load_dataset_dir, save_ytvis
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset_dir(ctx["data_dir"])
@@ -116,8 +119,6 @@ def prepare_trial_data(trial_dir: Path, fuse: Any, filt: Any | None, ctx: Mappin
 
 def trial_train_config(train_values: Mapping[str, Any], annotations: str, pseudo: str, trial_dir: Path,
                        ctx: Mapping[str, Any]) -> Any:
-    from pmvis.core.config import build_config
-    from pmvis.platform.train.config import TrainConfig
 
     values = copy.deepcopy(dict(train_values))
     data = dict(values["data"])
@@ -139,12 +140,6 @@ def knobs_from_trial_config(config: Mapping[str, Any], knob_paths: list[str]) ->
 
 def trial_driver(config: dict, ctx: dict) -> None:
     """Tune function trainable: one trial = fuse/filter from the raw store, then a Train V2 run."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pmvis.core.config import dump_config
-    from pmvis.core.io import write_text_atomic
-    from pmvis.platform.train.driver import run_training
 
     knobs = knobs_from_trial_config(config, ctx["knob_paths"])
     trial_id = tune.get_context().get_trial_id()
