@@ -22,41 +22,48 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pmvis.platform.tune.config import SCHEDULERS, SEARCHES, SweepConfig
+
+
+def _default(name: str):
+    """SweepConfig's default for a flag: stated once, there."""
+    return SweepConfig.__dataclass_fields__[name].default
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, metavar="NAME|FILE", help="search space: packaged name or YAML file")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
     parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
                         help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
-    parser.add_argument("--samples", type=int, default=10, metavar="N", help="trials to draw (× the grid size) (default 10)")
-    parser.add_argument("--search", choices=("random", "grid", "optuna"), default="random",
+    parser.add_argument("--samples", type=int, default=_default("samples"), metavar="N",
+                        help=f"trials to draw (× the grid size) (default {_default('samples')})")
+    parser.add_argument("--search", choices=SEARCHES, default=_default("search"),
                         help="random draws; grid: every choice knob as a grid; optuna: TPE")
-    parser.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=_default("scheduler"),
                         help="asha: stop weak trials early on eval_AP; fifo: run every trial to the end")
-    parser.add_argument("--gpus-per-trial", type=int, default=0, metavar="G",
+    parser.add_argument("--gpus-per-trial", type=int, default=_default("gpus_per_trial"), metavar="G",
                         help="GPUs per trial (one per Train worker); 0 = CPU (default)")
-    parser.add_argument("--name", default="pmvis-sweep", help="sweep name: STORAGE/NAME and the MLflow experiment; the same name resumes")
-    parser.add_argument("--storage", type=Path, default=Path("./pmvis-sweeps"), metavar="PATH",
-                        help="where sweeps live (default ./pmvis-sweeps)")
+    parser.add_argument("--name", default=_default("name"), help="sweep name: STORAGE/NAME and the MLflow experiment; the same name resumes")
+    parser.add_argument("--storage", type=Path, default=Path(_default("storage_path")), metavar="PATH",
+                        help=f"where sweeps live (default {_default('storage_path')})")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default MLFLOW_TRACKING_URI or ./mlflow sqlite)")
     parser.add_argument("--iterations", type=int, metavar="N", help="training iterations per trial")
-    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="TrainConfig base values")
+    parser.add_argument("--preset", choices=("paper", "tiny"), default=_default("preset"), help="TrainConfig base values")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig knob (or fuse.* / filter.* base knob); repeatable")
-    parser.add_argument("--filter", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--filter", choices=("auto", "on", "off"), default=_default("filter"),
                         help="filter the ground truth per trial (auto: when the space has filter.* knobs)")
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what the cluster fits)")
     parser.add_argument("--seed", type=int, metavar="N", help="search seed: the same seed draws the same trials (default unseeded)")
     parser.add_argument("--trial-retries", type=int, metavar="N",
                         help="rerun a failed trial up to N times, resuming its training from its last "
-                             "checkpoint (default: SweepConfig.trial_retries, 1)")
+                             f"checkpoint (default {_default('trial_retries')})")
     parser.add_argument("--address", default="auto", metavar="auto|local|ADDR",
                         help="Ray cluster: auto (RAY_ADDRESS / a running cluster / else local), local, or an address")
 
 
 def build_sweep_config(args: argparse.Namespace):
     from pmvis.core.config import parse_dotlist
-    from pmvis.platform.tune.config import SweepConfig
     from pmvis.platform.tune.trials import split_overrides
 
     train, fuse, filt = split_overrides(parse_dotlist(args.overrides))

@@ -18,13 +18,10 @@ from typing import Any
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
-from pmvis.platform.experiments import DB_NAME, DEFAULT_STORE_DIR
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pmvis.platform.experiments import resolve_tracking_uri, search_runs
 
 PARAM_PREFIX = "params."
 METRIC_PREFIX = "metrics."
@@ -63,34 +60,6 @@ class Comparison:
         return self.table.iloc[0].to_dict()
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else MLFLOW_TRACKING_URI, else ``./mlflow/mlflow.db``; a path to an existing file
-    is read as a sqlite store. A sqlite store must exist (a read must not create an empty one)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_STORE_DIR / DB_NAME).resolve()}"
-    if "://" not in uri and Path(uri).is_file():
-        uri = f"sqlite:///{Path(uri).resolve()}"
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise PmvisError(f"no MLflow store at {db} (tracking URI {uri}); pass --tracking-uri "
-                             "or set MLFLOW_TRACKING_URI")
-    return uri
-
-
-def _fetch_runs(experiment: str, tracking_uri: str):
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise PmvisError(f"no experiment {experiment!r} in {tracking_uri} "
-                             f"(experiments: {', '.join(names) or 'none'})")
-        mlflow.set_tracking_uri(tracking_uri)
-        return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
-    except MlflowException as e:
-        raise PmvisError(f"cannot read runs of {experiment!r} from {tracking_uri}: {e.message}") from None
-
-
 def _differs(series) -> bool:
     return series.astype(object).where(series.notna(), None).map(repr).nunique() > 1
 
@@ -113,7 +82,7 @@ def compare_runs(experiment: str, *, metric: str = "AP", mode: str = "max",
         raise PmvisError(f"mode must be 'max' or 'min', got {mode!r}")
     uri = resolve_tracking_uri(tracking_uri)
     metric_arg = metric
-    runs = _fetch_runs(experiment, uri)
+    runs = search_runs(experiment, uri)
     if runs is None or len(runs) == 0:
         raise PmvisError(f"experiment {experiment!r} in {uri} has no runs")
     metric_cols = sorted(c for c in runs.columns if c.startswith(METRIC_PREFIX))

@@ -13,11 +13,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
 import mlflow
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.entities import Metric
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+from pmvis.core.errors import PmvisError
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +89,28 @@ def mlflow_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
     """Start a run in ``experiment`` with ``params`` (nested dicts are flattened) logged up front."""
-
     uri = tracking_uri or default_tracking_uri()
     experiment_id = ensure_experiment(experiment, uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) as run:
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
+
+
+def log_outputs(metrics: Mapping[str, float], artifacts_dir: str | os.PathLike | None = None) -> None:
+    """Metrics and every file under ``artifacts_dir`` into the active run (:func:`mlflow_run`)."""
+    mlflow.log_metrics(dict(metrics))
+    if artifacts_dir is not None:
+        mlflow.log_artifacts(str(artifacts_dir))
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | os.PathLike) -> None:
+    MlflowClient(tracking_uri).log_artifact(run_id, str(path))
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Close a run the driver opened (``status``: FINISHED, FAILED or KILLED)."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status=RunStatus.to_string(getattr(RunStatus, status)))
 
 
 class MetricsLogger:
@@ -172,3 +190,85 @@ def retire_runs(tracking_uri: str, experiments: tuple[str, ...]) -> None:
             continue
         for run in client.search_runs([exp.experiment_id], max_results=10000):
             client.delete_run(run.info.run_id)
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else MLFLOW_TRACKING_URI, else ``./mlflow/mlflow.db``; a path to an existing file
+    is read as a sqlite store. A sqlite store must exist (a read must not create an empty one)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_STORE_DIR / DB_NAME).resolve()}"
+    if "://" not in uri and Path(uri).is_file():
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise PmvisError(f"no MLflow store at {db} (tracking URI {uri}); pass --tracking-uri "
+                             "or set MLFLOW_TRACKING_URI")
+    return uri
+
+
+def search_runs(experiment: str, tracking_uri: str) -> Any:
+    """Every run of ``experiment`` as MLflow's pandas table (params.*, metrics.*, tags.* columns)."""
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise PmvisError(f"no experiment {experiment!r} in {tracking_uri} "
+                             f"(experiments: {', '.join(names) or 'none'})")
+        mlflow.set_tracking_uri(tracking_uri)
+        return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+    except MlflowException as e:
+        raise PmvisError(f"cannot read runs of {experiment!r} from {tracking_uri}: {e.message}") from None
+
+
+def close_running_runs(experiment: str, tracking_uri: str, run_dirs: set[str], reason: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``experiment`` whose ``pmvis.run_dir`` tag is one of
+    ``run_dirs`` (their process was killed before it could close them), tagging ``reason`` as
+    ``pmvis.stopped_by``; returns the run ids closed."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or not run_dirs:
+        return []
+    closed = []
+    for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=10000):
+        if run.data.tags.get("pmvis.run_dir") in run_dirs:
+            client.set_tag(run.info.run_id, "pmvis.stopped_by", reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+class ResumableMLflowLoggerCallback(MLflowLoggerCallback):
+    """Ray's MLflow logger, but a trial resumed by ``Tuner.restore`` keeps its MLflow run.
+
+    Ray keys its trial → run map by Trial objects, which a restore recreates, so a resumed trial
+    would open a second run. This callback saves the map by trial id in the experiment state
+    (Tune's ``get_state``/``set_state``) and logs a resumed trial into its first run.
+    """
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        super().setup(*args, **kwargs)
+        self._run_ids: dict[str, str] = getattr(self, "_run_ids", {})
+
+    def log_trial_start(self, trial: Any) -> None:
+        if trial not in self._trial_runs and trial.trial_id in self._run_ids:
+            self._trial_runs[trial] = self._run_ids[trial.trial_id]
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(self.tracking_uri).update_run(self._run_ids[trial.trial_id], status="RUNNING")
+        super().log_trial_start(trial)
+        self._run_ids[trial.trial_id] = self._trial_runs[trial]
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        # Tune puts the trial config into the result (logged flat as config/<knob>): those are the
+        # run's params already, not metrics.
+        super().log_trial_result(iteration, trial, {k: v for k, v in result.items()
+                                                    if k != "config" and not k.startswith("config/")})
+
+    def get_state(self) -> dict | None:
+        run_ids = getattr(self, "_run_ids", {})
+        return {"run_ids": dict(run_ids)} if run_ids else None
+
+    def set_state(self, state: dict) -> None:
+        self._run_ids = dict(state.get("run_ids") or {})

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import cv2
 from pmvis.platform.predict import filled_box_results
 from pmvis.platform.pseudo.refine import refine
-from pmvis.platform.experiments import mlflow_run
+from pmvis.platform.experiments import log_outputs, mlflow_run
 
 IOU_LEVELS = (0.5, 0.75)
 
@@ -230,10 +230,7 @@ def build_report(
     with mlflow_run(config.experiment, run_name="report", tracking_uri=tracking_uri,
                     params=config.model_dump(mode="json"),
                     tags={"pmvis.data": str(data_dir.resolve())}) as run:
-        import mlflow
-
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifacts(str(out_dir))
+        log_outputs(metrics, out_dir)
         result["mlflow_run_id"] = run.info.run_id
     return result
 

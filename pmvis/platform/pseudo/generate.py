@@ -11,8 +11,9 @@ Every input is checked before Ray starts (:func:`prepare_pseudo_masks`: the anno
 source's options against its typed config, that each ``*checkpoint`` option names a readable torch
 file), so bad input never costs a Ray start-up and is never retried.
 
-Sources run in dependency order (``track`` starts from ``hqsam``'s masks, which the driver reads
-from the store and ships with each video). A video that fails (corrupt frame, bad boxes) comes
+Sources run in dependency order (``track`` starts from ``hqsam``'s masks, which each worker reads
+from the store for its video). Rows between the stages are plain and tensor columns
+(:mod:`pmvis.platform.pseudo.workers`), never pickled objects. A video that fails (corrupt frame, bad boxes) comes
 back as an error row with its id and reason while the others finish; the run then raises one
 error listing all failures. A source error (PmvisError or any exception) is caught in the worker
 and never retried. A worker crash (segfault, OOM kill, a killed actor) is retried
@@ -33,7 +34,6 @@ summary says what changed).
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,11 +44,10 @@ from typing import Iterator
 from pmvis.core.errors import PmvisError
 from pmvis.platform.pseudo.store import (
     done_videos,
-    read_raw,
     clear_source,
     write_video_rows,
 )
-from pmvis.platform.pseudo.workers import SourceRunner, encode_batch, run_cpu_source
+from pmvis.platform.pseudo.workers import SourceRunner, encode_batch, run_cpu_source, store_rows
 from pmvis.platform.pseudo.plan import PseudoMaskConfig, PseudoMaskPlan, read_manifest, what_changed, write_manifest, prepare_pseudo_masks
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -72,14 +71,6 @@ class RunSummary:
 
 
 # ----------------------------------------------------------------------------- driver side
-
-
-def _init_blobs(raw_dir: Path, dep: str, video_ids: list[int]) -> dict[int, bytes]:
-    tracks = read_raw(raw_dir, sources=[dep])
-    per_video: dict[int, dict[int, tuple]] = {}
-    for t in tracks:
-        per_video.setdefault(t.video_id, {})[t.annotation_id] = (t.segmentations, t.confidences)
-    return {vid: pickle.dumps(per_video.get(vid, {})) for vid in video_ids}
 
 
 class _ErrorCollector(logging.Handler):
@@ -174,11 +165,11 @@ def generate_pseudo_masks(
                 summary.written[name] = 0
                 if not todo:
                     continue
-                blobs = _init_blobs(raw_dir, sp.init_from, todo) if sp.init_from else {}
-                items = [{"video_id": v, "init": blobs.get(v, b"")} for v in todo]
+                items = [{"video_id": v} for v in todo]
                 ds = ray.data.from_items(items, override_num_blocks=len(items))
                 runner_kwargs = dict(name=name, options=sp.options, plugins=plan.config.plugins,
-                                     data_dir=str(plan.data_dir), annotations=plan.annotations)
+                                     data_dir=str(plan.data_dir), annotations=plan.annotations,
+                                     raw_dir=str(raw_dir), init_from=sp.init_from)
                 if spec.uses_model:
                     ds = ds.map_batches(
                         SourceRunner, fn_constructor_kwargs=runner_kwargs, batch_size=1,
@@ -202,7 +193,7 @@ def generate_pseudo_masks(
                     if row["error"]:
                         summary.failures.append({"source": name, "video_id": vid, "error": row["error"]})
                     else:
-                        write_video_rows(raw_dir, name, vid, pickle.loads(row["rows"]))
+                        write_video_rows(raw_dir, name, vid, store_rows(row))
                         summary.written[name] += 1
                     bar.update(1)
                 bar.close()

@@ -199,22 +199,35 @@ def read_raw(raw_dir: str | os.PathLike, *, sources: Iterable[str] | None = None
         raise PmvisError(f"{raw_dir}: no raw pseudo masks found (run `pmvis pseudo-masks` first)")
     tracks: list[RawMasks] = []
     for f, (source, video_id) in files.items():
-        try:
-            table = pq.read_table(f, schema=SCHEMA)
-        except (pa.ArrowException, OSError) as e:
-            raise PmvisError(f"{f}: unreadable raw pseudo-mask file: {e}") from None
-        d = table.to_pydict()
-        _check_rows(f, d, source, video_id)
-        for i in range(table.num_rows):
-            size = [d["height"][i], d["width"][i]]
-            tracks.append(RawMasks(
-                video_id=d["video_id"][i],
-                annotation_id=d["annotation_id"][i],
-                source=d["source"][i],
-                segmentations=[None if c is None else {"size": size, "counts": c} for c in d["masks"][i]],
-                confidences=list(d["confidences"][i]),
-            ))
+        tracks += _read_file(f, source, video_id)
     return tracks
+
+
+def read_video_raw(raw_dir: str | os.PathLike, source: str, video_id: int) -> list[RawMasks]:
+    """One source's stored masks of one video (checked as :func:`read_raw` checks them); none
+    stored: an empty list."""
+    path = raw_file(raw_dir, source, video_id)
+    return _read_file(path, source, video_id) if path.is_file() else []
+
+
+def _read_file(f: Path, source: str, video_id: int) -> list[RawMasks]:
+    try:
+        table = pq.read_table(f, schema=SCHEMA)
+    except (pa.ArrowException, OSError) as e:
+        raise PmvisError(f"{f}: unreadable raw pseudo-mask file: {e}") from None
+    d = table.to_pydict()
+    _check_rows(f, d, source, video_id)
+    out = []
+    for i in range(table.num_rows):
+        size = [d["height"][i], d["width"][i]]
+        out.append(RawMasks(
+            video_id=d["video_id"][i],
+            annotation_id=d["annotation_id"][i],
+            source=d["source"][i],
+            segmentations=[None if c is None else {"size": size, "counts": c} for c in d["masks"][i]],
+            confidences=list(d["confidences"][i]),
+        ))
+    return out
 
 
 def raw_masks_by_annotation(tracks: Iterable[RawMasks]) -> dict[int, dict[str, RawMasks]]:

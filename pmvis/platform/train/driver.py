@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -56,7 +54,7 @@ from pmvis.models.vis.config import ModelConfig
 from pmvis.platform.data.clips import build_sampler
 from pmvis.platform.data.vis_data import load_training_data
 from pmvis.platform.evaluation import METRIC_NAMES
-from pmvis.platform.experiments import default_tracking_uri, open_run
+from pmvis.platform.experiments import default_tracking_uri, end_run, log_artifact, open_run
 from pmvis.platform.ray_logs import quiet_ray_train, ray_train_logging_config
 from pmvis.platform.train.checkpoints import (
     final_checkpoint,
@@ -276,12 +274,11 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
         logger.info("resuming run %s from %s (iteration %s)", cfg.run_name, resume_meta["path"],
                     resume_meta.get("iteration"))
     run_id = open_run(cfg, run_dir, resume_meta)
-    client = MlflowClient(cfg.tracking_uri)
     config_path = f"{run_dir}/{CONFIG_FILENAME}"
     try:
         if not is_remote(run_dir):
             write_text_atomic(config_path, dump_config(cfg))
-            client.log_artifact(run_id, config_path)
+            log_artifact(cfg.tracking_uri, run_id, config_path)
         quiet_ray_train()
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -314,7 +311,7 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
         if evaluation is not None and not is_remote(run_dir):
             eval_path = f"{run_dir}/{EVALUATION_FILENAME}"
             write_json_atomic(eval_path, evaluation, indent=1)
-            client.log_artifact(run_id, eval_path)
+            log_artifact(cfg.tracking_uri, run_id, eval_path)
         checkpoint = final_checkpoint(run_dir, result)
         best = checkpoint
         scored = [(m.get("eval_AP"), c) for c, m in (result.best_checkpoints or [])
@@ -323,11 +320,11 @@ def _run_training_locked(cfg: TrainConfig, callbacks: list[Any] | None) -> Train
             best = str(max(scored, key=lambda x: x[0])[1].path)
             if not is_remote(run_dir) and not is_complete(best):
                 best = checkpoint
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+        end_run(cfg.tracking_uri, run_id, "FINISHED")
     except BaseException as e:
-        status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         try:
-            client.set_terminated(run_id, status=RunStatus.to_string(status))
+            end_run(cfg.tracking_uri, run_id, status)
         except Exception:  # noqa: BLE001
             pass
         raise

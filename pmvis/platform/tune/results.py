@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Mapping
 from pmvis.core.tables import format_table
 from pmvis.platform.tune.config import BEST_CONFIG_FILENAME, BEST_TRIAL_FILENAME, METRIC, TRAIN_RUN_NAME, TRIALS_DIRNAME
-from mlflow.tracking import MlflowClient
 import yaml
 from pmvis.core.config import load_config
 from pmvis.core.io import write_text_atomic
@@ -98,26 +97,6 @@ def format_trials(rows: list[TrialRow]) -> str:
     cells = [[r.trial_id, *(fmt(r.knobs.get(p)) for p in paths), "-" if r.ap is None else f"{r.ap:.3f}",
               fmt(r.iteration) if r.iteration is not None else "-", r.status] for r in rows]
     return format_table(["trial", *paths, METRIC, "iter", "status"], cells)
-
-
-def close_stopped_trainer_runs(rows: list[TrialRow], tracking_uri: str, experiment: str) -> list[str]:
-    """Mark KILLED the trainer MLflow runs that ended trials left RUNNING: a trial stopped early by
-    ASHA is killed with its training, which never closes its run. Errored trials are left as they
-    are (a rerun of the sweep resumes them into the same run). Returns the run ids closed."""
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status != "error" and r.trial_dir}
-    if exp is None or not ended:
-        return []
-    closed = []
-    for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                  max_results=10000):
-        if run.data.tags.get("pmvis.run_dir") in ended:
-            client.set_tag(run.info.run_id, "pmvis.stopped_by", "sweep scheduler")
-            client.set_terminated(run.info.run_id, status="KILLED")
-            closed.append(run.info.run_id)
-    return closed
 
 
 def write_best(sweep_dir: Path, best: TrialRow, ctx: Mapping[str, Any]) -> tuple[str, str]:

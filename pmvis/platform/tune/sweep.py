@@ -44,12 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pmvis.core.errors import PmvisError
-from pmvis.platform.tune.config import METRIC, MODE, RESULTS_FILENAME, SCHEDULERS, SEARCHES, SweepConfig, TRIALS_DIRNAME, TUNE_VERBOSITY
+from pmvis.platform.tune.config import METRIC, MODE, RESULTS_FILENAME, SCHEDULERS, SEARCHES, SweepConfig, TRAIN_RUN_NAME, TRIALS_DIRNAME, TUNE_VERBOSITY
 from pmvis.platform.tune.trials import base_train_values, trial_configs, trial_driver
-from pmvis.platform.tune.results import SweepResult, close_stopped_trainer_runs, collect_rows, write_best
+from pmvis.platform.tune.results import SweepResult, collect_rows, write_best
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -62,47 +61,12 @@ from pmvis.platform.experiments import default_tracking_uri
 from pmvis.platform.data.ytvis_io import load_dataset_dir
 from ray import tune
 from pmvis.core.io import write_json_atomic
-from pmvis.platform.experiments import ensure_experiment
+from pmvis.platform.experiments import ResumableMLflowLoggerCallback, close_running_runs, ensure_experiment
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- Tune setup
-
-
-class ResumableMLflowLoggerCallback(MLflowLoggerCallback):
-    """Ray's MLflow logger, but a trial resumed by ``Tuner.restore`` keeps its MLflow run.
-
-    Ray keys its trial → run map by Trial objects, which a restore recreates, so a resumed trial
-    would open a second run. This callback saves the map by trial id in the experiment state
-    (Tune's ``get_state``/``set_state``) and logs a resumed trial into its first run.
-    """
-
-    def setup(self, *args: Any, **kwargs: Any) -> None:
-        super().setup(*args, **kwargs)
-        self._run_ids: dict[str, str] = getattr(self, "_run_ids", {})
-
-    def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_runs and trial.trial_id in self._run_ids:
-            self._trial_runs[trial] = self._run_ids[trial.trial_id]
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(self.tracking_uri).update_run(self._run_ids[trial.trial_id], status="RUNNING")
-        super().log_trial_start(trial)
-        self._run_ids[trial.trial_id] = self._trial_runs[trial]
-
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        # Tune puts the trial config into the result (logged flat as config/<knob>): those are the
-        # run's params already, not metrics.
-        super().log_trial_result(iteration, trial, {k: v for k, v in result.items()
-                                                    if k != "config" and not k.startswith("config/")})
-
-    def get_state(self) -> dict | None:
-        run_ids = getattr(self, "_run_ids", {})
-        return {"run_ids": dict(run_ids)} if run_ids else None
-
-    def set_state(self, state: dict) -> None:
-        self._run_ids = dict(state.get("run_ids") or {})
 
 
 def param_space(space: Any, search: str) -> dict[str, Any]:
@@ -280,7 +244,10 @@ def run_sweep(cfg: SweepConfig, plan: SweepPlan | None = None) -> SweepResult:
     for row in rows:
         d = sweep_dir / TRIALS_DIRNAME / row.trial_id
         row.trial_dir = str(d) if d.is_dir() else None
-    close_stopped_trainer_runs(rows, tracking_uri, f"{cfg.name}-train")
+    # A trial ASHA stopped is killed with its training, which never closes its MLflow run; errored
+    # trials keep theirs open (a rerun of the sweep resumes them into the same run).
+    ended = {str(Path(r.trial_dir) / TRAIN_RUN_NAME) for r in rows if r.status != "error" and r.trial_dir}
+    close_running_runs(f"{cfg.name}-train", tracking_uri, ended, "sweep scheduler")
     # Best: the first trial that ended without an error (rows rank full-budget trials before
     # early-stopped ones); a failed trial's partial AP does not count (rerun the sweep to resume it).
     best = next((r for r in rows if r.ap is not None and r.trial_dir and r.status != "error"), None)
