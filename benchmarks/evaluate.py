@@ -26,11 +26,17 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmvis.platform.evaluation import (  # noqa: E402
-    AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, METRIC_NAMES, RECALL_THRESHOLDS, evaluate_ytvis,
-)
 from pmvis.core.masks import encode_mask  # noqa: E402
-from pmvis.platform.data.ytvis_io import parse_results, parse_ytvis
+from pmvis.platform.data.results_io import parse_results
+from pmvis.platform.data.ytvis_io import parse_ytvis
+from pmvis.platform.evaluation import (
+    AREA_RANGES,
+    IOU_THRESHOLDS,
+    MAX_DETS,
+    METRIC_NAMES,
+    RECALL_THRESHOLDS,
+    evaluate_ytvis,
+)
 
 N_CATEGORIES = 40
 

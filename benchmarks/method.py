@@ -53,23 +53,23 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.platform.demo.config import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS
-    from pmvis.platform.demo.run import filter_config, train_side_by_side
+    from pmvis.core.config import build_config
+    from pmvis.core.io import write_json_atomic, write_text_atomic
     from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
     from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
     from pmvis.platform.cluster import connect
-    from pmvis.core.config import build_config
-    from pmvis.core.io import write_json_atomic, write_text_atomic
-    from pmvis.platform.pseudo.plan import PseudoMaskConfig
+    from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.ytvis_io import load_ytvis, save_ytvis
+    from pmvis.platform.demo.config import DEMO_FINETUNE_LR, TRACK_OPTIONS, TRAIN_TORCH_THREADS
+    from pmvis.platform.demo.run import filter_config, train_side_by_side
+    from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.pseudo.generate import generate_pseudo_masks
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig
     from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.pseudo.store import RAW_DIRNAME
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.data.synthetic_scenes import SynthConfig
-    from pmvis.platform.data.synthetic import generate_synthetic
-    from pmvis.platform.experiments import default_tracking_uri
     from pmvis.platform.train.config import TrainConfig
-    from pmvis.platform.data.ytvis_io import load_ytvis, save_ytvis
 
     t0 = time.perf_counter()
     out = args.out.resolve()

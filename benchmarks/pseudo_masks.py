@@ -45,8 +45,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmvis.models.sources.base import VideoInput  # noqa: E402
-from pmvis.platform.data.synthetic_scenes import SynthConfig  # noqa: E402
-from pmvis.platform.data.synthetic_scenes import render_video
+from pmvis.platform.data.synthetic_scenes import (
+    SynthConfig,  # noqa: E402
+    render_video,
+)
 
 # ----------------------------------------------------------------------------- data
 
@@ -201,14 +203,14 @@ def run_pipeline(*, videos: int, frames: int, size: tuple[int, int], actor_count
     import time
     from pathlib import Path
 
+    from pmvis.core.config import build_config
     from pmvis.models.sources.hqsam import HQSamConfig, build_hqsam_model  # noqa: F811
     from pmvis.platform.cluster import connect
-    from pmvis.core.config import build_config
-    from pmvis.platform.pseudo.plan import PseudoMaskConfig
-    from pmvis.platform.pseudo.generate import generate_pseudo_masks
-    from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.ytvis_io import load_dataset_dir
+    from pmvis.platform.pseudo.generate import generate_pseudo_masks
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="pmvis-bench-"))
     generate_synthetic(tmp / "data", SynthConfig(videos=videos, frames=frames, height=size[0], width=size[1],

@@ -34,18 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/track"))
     args = p.parse_args(argv)
 
+    from pmvis.core.config import build_config
+    from pmvis.core.io import write_json_atomic
+    from pmvis.core.masks import encode_mask
+    from pmvis.models.sources.base import VideoInput, build_source
+    from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
+    from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
+    from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
     from pmvis.platform.demo.config import TRACK_OPTIONS
     from pmvis.platform.demo.run import filter_config
     from pmvis.platform.pseudo.filters import filter_annotations
-    from pmvis.models.sources.base import VideoInput, build_source
-    from pmvis.models.sources.propagate import PropagationConfig, PropagationSource
-    from pmvis.core.config import build_config
-    from pmvis.core.io import write_json_atomic
     from pmvis.platform.pseudo.store import RawMasks
-    from pmvis.platform.data.synthetic_scenes import SynthConfig
-    from pmvis.platform.data.synthetic import generate_synthetic
-    from pmvis.core.masks import encode_mask
-    from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
 
     data = args.out / "data"
     shutil.rmtree(data, ignore_errors=True)

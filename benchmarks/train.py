@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.train.config import TrainConfig
     from pmvis.platform.train.driver import run_training
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "tiny":
         base = TrainConfig.tiny(data, **common)
     else:
-        from pmvis.models.vis.config import ModelConfig
         from pmvis.core.config import merge_values
+        from pmvis.models.vis.config import ModelConfig
 
         values = merge_values({"model": ModelConfig(num_classes=5).model_dump(mode="json"),
                                "data": {"data_dir": str(data)}}, common)

@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from pmvis.platform.cluster import use_installed_environment
 from pmvis.core.errors import PmvisError
+from pmvis.platform.cluster import use_installed_environment
 
 # command name -> module under pmvis.jobs (imported lazily: `pmvis --help` must not import Ray/torch)
 COMMANDS: dict[str, str] = {

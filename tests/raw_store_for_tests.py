@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
-from pmvis.platform.data.synthetic_scenes import SynthConfig
-from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.ytvis_io import load_ytvis
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 
 
 def make_store(tmp_path: Path) -> tuple[Path, Path]:

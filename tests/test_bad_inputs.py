@@ -11,22 +11,16 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from conftest import rect, rle
-from pmvis.platform.data.coco import coco_to_ytvis
+
 from pmvis.core.config import StrictConfig, load_config, parse_yaml_mapping
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic, write_text_atomic
-from pmvis.platform.pseudo.store import RawMasks, read_raw, rows_from_raw_masks, stored_sources, write_video_rows
+from pmvis.platform.data.coco import coco_to_ytvis
+from pmvis.platform.data.results_io import load_results, parse_results
 from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX
-from pmvis.platform.data.ytvis_io import (
-    check_output_for_dataset,
-    load_dataset_dir,
-    load_results,
-    load_ytvis,
-    parse_results,
-    parse_ytvis,
-)
+from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, load_ytvis, parse_ytvis
+from pmvis.platform.pseudo.store import RawMasks, read_raw, rows_from_raw_masks, stored_sources, write_video_rows
 
 
 def _write(tmp_path, data, name="ann.json"):
@@ -259,8 +253,8 @@ def test_out_may_not_overwrite_dataset_files_or_be_unwritable(tiny_ytvis, tmp_pa
 def test_command_line_values_and_other_json_inputs_are_checked_like_files(tmp_path):
     from pmvis.core.config import parse_dotlist
     from pmvis.jobs.pseudo_masks import parse_options
-    from pmvis.platform.pseudo.plan import read_manifest
     from pmvis.platform.data.synthetic import write_coco_stills
+    from pmvis.platform.pseudo.plan import read_manifest
 
     with pytest.raises(PmvisError, match=r"--set .*aliases"):
         parse_dotlist(["a=[&x 1, *x]"])

@@ -51,11 +51,11 @@ def test_demo_summary_names_a_failed_trial_and_its_traceback(tmp_path):
 def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp_path):
     """The demo's concurrent trainings run in Ray tasks: bad input still surfaces as PmvisError
     naming the problem (exit 2 with a message), not as Ray's wrapped task traceback."""
-    from pmvis.platform.demo.run import train_side_by_side
-    from pmvis.core.errors import PmvisError
-    from pmvis.platform.train.config import TrainConfig
-
     from mlflow.tracking import MlflowClient
+
+    from pmvis.core.errors import PmvisError
+    from pmvis.platform.demo.run import train_side_by_side
+    from pmvis.platform.train.config import TrainConfig
 
     missing = tmp_path / "no-such-data"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -71,9 +71,9 @@ def test_side_by_side_training_reraises_a_clear_error_as_itself(ray_session, tmp
 
 def test_demo_missing_data_threshold_follows_the_tracker_engine():
     """The flow engine's confidences are not SAM 2's object scores: Missing-Data takes what it reports."""
+    from pmvis.models.sources.propagate import PropagationConfig
     from pmvis.platform.demo.config import TRACK_OPTIONS
     from pmvis.platform.demo.run import filter_config
-    from pmvis.models.sources.propagate import PropagationConfig
 
     assert filter_config(dict(TRACK_OPTIONS)).missing_min_confidence == PropagationConfig().flow_present_threshold
     assert filter_config({"engine": "sam2"}).missing_min_confidence == 0.8

@@ -7,8 +7,8 @@ import csv
 import pytest
 
 from pmvis.cli import main
-from pmvis.platform.compare import compare_runs, format_comparison
 from pmvis.core.errors import PmvisError
+from pmvis.platform.compare import compare_runs, format_comparison
 from pmvis.platform.experiments import mlflow_run
 
 EXPERIMENT = "sweep-test"

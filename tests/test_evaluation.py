@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import rect, rle
+
 from pmvis.cli import main
 from pmvis.core.errors import PmvisError
-from pmvis.platform.evaluation import evaluate_ytvis, mask_quality, spatio_temporal_iou, track_intersections
-from pmvis.platform.data.ytvis_io import parse_results, parse_ytvis
+from pmvis.platform.data.results_io import parse_results
+from pmvis.platform.data.ytvis_io import parse_ytvis
+from pmvis.platform.evaluation import evaluate_ytvis
+from pmvis.platform.spatiotemporal_iou import mask_quality, spatio_temporal_iou, track_intersections
 
 H = W = 40
 # Recall reaches 0.5 → the 51 recall points 0.00..0.50 have precision 1.
@@ -293,16 +295,17 @@ def test_masks_of_one_video_with_different_sizes_are_an_error():
 
 
 def test_iou_upper_bound_holds_and_only_prunes_below_the_lowest_threshold():
-    from pmvis.platform.evaluation import PRUNE_BELOW, _iou_upper_bound, _pair_ious, _Tracks
+    from pmvis.platform.evaluation import PRUNE_BELOW, _pair_ious
+    from pmvis.platform.spatiotemporal_iou import RleTracks, iou_upper_bound
 
     gt_dict, preds = _random_set(11, videos=1, frames=6)
     rng = np.random.default_rng(3)
     gts = [a.segmentations for a in parse_ytvis(gt_dict).annotations]
     dts = [[None if m is None else rle(m) for m in _random_masks(rng, 6)] for _ in range(30)]
-    d, g = _Tracks.build_many([dts, gts], 6)
+    d, g = RleTracks.build_many([dts, gts], 6)
     pairs = np.stack(np.meshgrid(np.arange(len(dts)), np.arange(len(gts)), indexing="ij"), -1).reshape(-1, 2)
     exact = _pair_ious(d, g, pairs, prune=False)
-    bound = _iou_upper_bound(d, g, pairs)
+    bound = iou_upper_bound(d, g, pairs)
     assert np.all(bound >= exact)
     pruned = _pair_ious(d, g, pairs, prune=True)
     assert np.any((bound < PRUNE_BELOW) & (exact > 0))  # this set does exercise the pruning

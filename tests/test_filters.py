@@ -9,16 +9,16 @@ import pytest
 import yaml
 
 from pmvis.cli import main
-from pmvis.platform.pseudo.filters import FilterConfig, filter_annotations
-from pmvis.models.fusion import FuseConfig
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
-from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.models.fusion import FuseConfig
 from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset
 from pmvis.platform.data.ytvis_io import load_ytvis
-from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.platform.pseudo.filters import FilterConfig, filter_annotations
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 
 H, W = 12, 16
 

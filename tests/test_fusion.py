@@ -9,6 +9,9 @@ import pytest
 import yaml
 
 from pmvis.cli import main
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
+from pmvis.core.masks import decode_mask, encode_mask
 from pmvis.models.fusion import (
     FuseConfig,
     box_tightness,
@@ -19,15 +22,12 @@ from pmvis.models.fusion import (
     select_mask,
     vote_masks,
 )
-from pmvis.platform.pseudo.fuse import fuse_annotations, fuse_with_stats
-from pmvis.core.config import build_config
-from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
-from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.ytvis import Annotation, Video, YTVISDataset
 from pmvis.platform.data.ytvis_io import load_ytvis
-from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.platform.pseudo.fuse import fuse_annotations, fuse_with_stats
+from pmvis.platform.pseudo.store import RawMasks, rows_from_raw_masks, write_video_rows
 
 H, W = 12, 16
 

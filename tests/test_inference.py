@@ -16,16 +16,20 @@ import pytest
 import torch
 
 from pmvis.cli import main
+from pmvis.core.errors import PmvisError
+from pmvis.core.masks import decode_mask, encode_mask
+from pmvis.models.fusion import doob_window
 from pmvis.models.sources.base import SourceMasks, VideoInput, build_source, get_source_spec
 from pmvis.models.sources.boxinst import BoxInstSourceConfig, assign_frame, mask_box_xyxy, match_to_gt
-from pmvis.models.fusion import doob_window
 from pmvis.models.vis import ModelConfig, build_model
+from pmvis.models.vis.association import MemoryBank, MemoryBankTracker, associate, bisoftmax, memory_embedding
 from pmvis.models.vis.checkpoint import check_compatible, load_model, read_checkpoint, save_checkpoint
 from pmvis.models.vis.inference import (
     Detection,
     InferenceConfig,
     Track,
     box_nms,
+    check_category_ids,
     mask_iou,
     mask_nms,
     masks_to_frame,
@@ -33,15 +37,12 @@ from pmvis.models.vis.inference import (
     predict_video,
     resized_size,
 )
-from pmvis.models.vis.association import MemoryBank, MemoryBankTracker, associate, bisoftmax, memory_embedding
-from pmvis.models.vis.inference import check_category_ids
-from pmvis.platform.predict import predict_dataset, resolve_category_ids, tracks_to_results
-from pmvis.core.errors import PmvisError
-from pmvis.platform.evaluation import evaluate_ytvis
-from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.results_io import load_results, save_results
 from pmvis.platform.data.synthetic import generate_synthetic
-from pmvis.core.masks import decode_mask, encode_mask
-from pmvis.platform.data.ytvis_io import load_dataset_dir, load_results, save_results
+from pmvis.platform.data.synthetic_scenes import SynthConfig
+from pmvis.platform.data.ytvis_io import load_dataset_dir
+from pmvis.platform.evaluation import evaluate_ytvis
+from pmvis.platform.predict import predict_dataset, resolve_category_ids, tracks_to_results
 
 NUM_CLASSES = 5  # the synthetic categories, ids 1..5
 # Random weights score every query far below the paper's thresholds: take every query.

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from pmvis.kernels import (
-    TKAffinity, default_pairs, pairwise_loss, projection_loss, pseudo_mask_loss, rgb_to_lab,
-    tk_affinity, tk_loss, warmup_factor,
+    TKAffinity,
+    default_pairs,
+    pairwise_loss,
+    projection_loss,
+    pseudo_mask_loss,
+    rgb_to_lab,
+    tk_affinity,
+    tk_loss,
+    warmup_factor,
 )
 
 TOL = dict(rtol=1e-9, atol=1e-9)

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pmvis.platform.data.coco import load_coco_stills
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.vis_data import DataConfig, load_training_data
-from pmvis.platform.data.clips import build_sampler
 from pmvis.core.masks import encode_mask
+from pmvis.platform.data.clips import build_sampler
+from pmvis.platform.data.coco import load_coco_stills
+from pmvis.platform.data.vis_data import DataConfig, load_training_data
 
 H, W = 96, 128
 SQUARE = (40, 30, 36, 28)  # x, y, w, h of the white object

@@ -10,7 +10,11 @@ import pytest
 
 from pmvis.platform.progress import ProgressPrinter, format_progress, main_terms
 from pmvis.platform.ray_logs import (
-    AUTOSCALING_CLIENT_LOGGER, TOKEN_AUTH_ENABLED_NOTICE, TOKEN_AUTH_LOGGER, DropMessage, TransientTimeoutFilter,
+    AUTOSCALING_CLIENT_LOGGER,
+    TOKEN_AUTH_ENABLED_NOTICE,
+    TOKEN_AUTH_LOGGER,
+    DropMessage,
+    TransientTimeoutFilter,
     job_runtime_env,
 )
 

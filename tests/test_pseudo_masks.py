@@ -9,13 +9,13 @@ import pytest
 
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.plan import PseudoMaskConfig
-from pmvis.platform.pseudo.generate import generate_pseudo_masks
-from pmvis.platform.pseudo.store import read_raw
-from pmvis.platform.data.synthetic_scenes import SynthConfig
-from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import decode_mask
+from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.ytvis_io import load_dataset_dir
+from pmvis.platform.pseudo.generate import generate_pseudo_masks
+from pmvis.platform.pseudo.plan import PseudoMaskConfig
+from pmvis.platform.pseudo.store import read_raw
 
 PLUGIN = "source_plugins_for_tests"
 

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-from pmvis.platform.pseudo.filters import FilterConfig
+from pmvis.core.config import apply_dotted, build_config
+from pmvis.core.errors import PmvisError
 from pmvis.models.fusion import FuseConfig
 from pmvis.models.vis.config import LossConfig
-from pmvis.core.config import build_config
-from pmvis.core.errors import PmvisError
+from pmvis.platform.pseudo.filters import FilterConfig
 from pmvis.platform.tune.knobs import KNOB_ROOTS, base_config, check_knob_path
 from pmvis.platform.tune.search_spaces import SearchSpace, list_spaces, load_space
-from pmvis.core.config import apply_dotted
 
 SHIPPED = ("mask_sources", "filters", "tk_loss", "pmvis", "demo")
 MODELS = {"fuse": FuseConfig, "filter": FilterConfig, "loss": LossConfig}

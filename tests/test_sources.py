@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from pmvis.platform.predict import filled_box_results
-from pmvis.models.sources.base import SourceMasks, VideoInput, build_source, get_source_spec
 from pmvis.core.errors import PmvisError
-from pmvis.platform.evaluation import mask_quality
-from pmvis.platform.data.synthetic_scenes import SynthConfig
-from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.core.masks import encode_mask
+from pmvis.models.sources.base import SourceMasks, VideoInput, build_source, get_source_spec
+from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.ytvis_io import load_ytvis
+from pmvis.platform.predict import filled_box_results
+from pmvis.platform.spatiotemporal_iou import mask_quality
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*RANDOM weights.*:UserWarning"),
@@ -343,7 +343,7 @@ def test_sam2_tracks_forward_and_backward(small, hqsam_outputs, track, monkeypat
 
     monkeypatch.setattr(predictor, "propagate_in_video", spy)
     video = small[1][0]
-    T, (H, W) = video.length, video.size
+    H, W = video.size
     aid = next(iter(video.boxes))
     m = np.zeros((H, W), bool)
     m[20:40, 30:50] = True

@@ -47,9 +47,9 @@ def test_trial_configs_apply_knobs(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    from pmvis.platform.tune.trials import base_train_values
-    from pmvis.platform.tune.sweep import build_search_alg, run_sweep
     from pmvis.platform.tune.search_spaces import load_space
+    from pmvis.platform.tune.sweep import build_search_alg, run_sweep
+    from pmvis.platform.tune.trials import base_train_values
 
     grid = load_space(space_file(tmp_path, "fuse.mode: {grid: [select, vote]}\n", "grid.yaml"))
     with pytest.raises(PmvisError, match="optuna cannot search grid knobs"):
@@ -66,12 +66,11 @@ def test_bad_inputs(tmp_path):
 def test_search_algorithms_draw_valid_seeded_configs(tmp_path):
     """random draws repeat under a seed; optuna (TPE, in the lock) suggests from the whole shipped
     space and learns from a completed trial; both cap the trials running at once."""
+    from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from pmvis.platform.tune.search_spaces import load_space
     from pmvis.platform.tune.sweep import build_search_alg, param_space
-
-    from ray import tune
 
     tune.register_trainable("pmvis_test_noop", lambda config: None)
     space = load_space("pmvis")
@@ -139,7 +138,7 @@ def test_sweep_resumes_an_interrupted_trial(tmp_path, ray_session):
     assert second.rows[0].ap is not None and second.rows[0].iteration == 4
     assert second.best_config_path is not None
     # The training resumed from its checkpoint (same Train run), not from scratch.
-    from pmvis.platform.train.checkpoints import read_checkpoint_meta, latest_checkpoint
+    from pmvis.platform.train.checkpoints import latest_checkpoint, read_checkpoint_meta
 
     run_dir = tmp_path / "sweeps" / "sw" / "pmvis_trials" / trial_id / "train"
     assert read_checkpoint_meta(latest_checkpoint(run_dir))["iteration"] == 4

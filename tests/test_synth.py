@@ -12,11 +12,10 @@ from pycocotools import mask as mask_utils
 from pydantic import ValidationError
 
 from pmvis import cli
-from pmvis.platform.data import synthetic
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.synthetic_scenes import CATEGORIES, SynthConfig
+from pmvis.platform.data import synthetic
 from pmvis.platform.data.synthetic import generate_synthetic
-from pmvis.platform.data.synthetic_scenes import render_video
+from pmvis.platform.data.synthetic_scenes import CATEGORIES, SynthConfig, render_video
 
 SMALL = dict(videos=3, frames=6, height=64, width=80)
 

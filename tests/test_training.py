@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.synthetic_scenes import SynthConfig
-from pmvis.platform.data.synthetic import generate_synthetic
-from pmvis.platform.train.config import TrainConfig
-from pmvis.platform.train.loop import TrainingLoop, restore_training_state
-from pmvis.platform.train.checkpoints import latest_checkpoint
-from pmvis.platform.train.driver import run_training
 from pmvis.platform.data.clips import ClipSampler
+from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.vis_data import DataConfig, load_training_data, split_videos
 from pmvis.platform.data.ytvis_io import load_dataset_dir, save_ytvis
+from pmvis.platform.train.checkpoints import latest_checkpoint
+from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.train.driver import run_training
+from pmvis.platform.train.loop import TrainingLoop, restore_training_state
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import textwrap
 import pytest
 
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.data.synthetic import generate_synthetic
+from pmvis.platform.data.synthetic_scenes import SynthConfig
 from pmvis.platform.train.checkpoints import (
     CHECKPOINT_META,
     checkpoint_dir_name,
@@ -25,8 +25,8 @@ from pmvis.platform.train.checkpoints import (
     write_checkpoint_dir,
 )
 from pmvis.platform.train.config import TrainConfig
-from pmvis.platform.train.loop import TrainingLoop
 from pmvis.platform.train.driver import preflight, run_dir_of, run_lock
+from pmvis.platform.train.loop import TrainingLoop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

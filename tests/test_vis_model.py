@@ -9,16 +9,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmvis.models.vis import (
-    IDOL, MODEL_BUILDERS, FrameTargets, LossConfig, ModelConfig, MSDeformAttn, VISCriterion, box_masks_from_boxes,
-    build_model, dynamic_k_assign, lab_images, mask_targets, ms_deform_attn, ms_deform_attn_naive,
-    normalize_images, valid_masks,
-)
+from pmvis.core.errors import PmvisError
 from pmvis.kernels import tk_affinity, tk_loss
+from pmvis.models.vis import (
+    IDOL,
+    MODEL_BUILDERS,
+    FrameTargets,
+    LossConfig,
+    ModelConfig,
+    MSDeformAttn,
+    VISCriterion,
+    box_masks_from_boxes,
+    build_model,
+    dynamic_k_assign,
+    lab_images,
+    mask_targets,
+    ms_deform_attn,
+    ms_deform_attn_naive,
+    normalize_images,
+    valid_masks,
+)
 from pmvis.models.vis.boxes import xyxy_to_cxcywh
 from pmvis.models.vis.matcher import DynamicKMatcher
 from pmvis.models.vis.tracking_loss import negative_boundary, tracking_losses
-from pmvis.core.errors import PmvisError
 
 SIZE = 64
 STRIDE = 4

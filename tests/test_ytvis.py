@@ -8,12 +8,13 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import rect, rle
 from pycocotools import mask as mask_utils
 
-from conftest import rect, rle
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import decode_mask
-from pmvis.platform.data.ytvis_io import load_results, load_ytvis, parse_results, parse_ytvis, save_ytvis
+from pmvis.platform.data.results_io import load_results, parse_results
+from pmvis.platform.data.ytvis_io import load_ytvis, parse_ytvis, save_ytvis
 
 
 def test_three_encodings_normalise_to_the_same_mask(tiny_ytvis):

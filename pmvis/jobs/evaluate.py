@@ -17,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
     from pmvis.core.io import write_json_atomic
-    from pmvis.platform.data.ytvis_io import load_results, load_ytvis
+    from pmvis.platform.data.results_io import load_results
+    from pmvis.platform.data.ytvis_io import load_ytvis
+    from pmvis.platform.evaluation import evaluate_ytvis, format_metrics_table
 
     gt = load_ytvis(args.gt)
     results = load_results(args.results, gt)

@@ -13,24 +13,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pmvis.jobs import add_dataset_arguments, add_pseudo_masks_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
-    parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
-                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
-    parser.add_argument("--out", required=True, type=Path, metavar="TRAIN.json", help="fused training annotations to write")
+    add_dataset_arguments(parser)
+    add_pseudo_masks_argument(parser)
+    parser.add_argument("--out", required=True, type=Path, metavar="TRAIN.json",
+                        help="fused training annotations to write")
     parser.add_argument("--config", type=Path, metavar="FUSE.yaml", help="YAML file of FuseConfig knobs")
-    parser.add_argument("--annotations", type=Path, metavar="FILE",
-                        help="annotation file to use instead of DIR/annotations.json (relative to DIR or absolute)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.models.fusion import FuseConfig
-    from pmvis.platform.pseudo.refine import refine
-    from pmvis.platform.pseudo.store import resolve_raw_dir
     from pmvis.core.config import dump_config, effective_config_path, load_config
     from pmvis.core.io import write_text_atomic
+    from pmvis.models.fusion import FuseConfig
     from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_ytvis
+    from pmvis.platform.pseudo.refine import refine
+    from pmvis.platform.pseudo.store import resolve_raw_dir
 
     config = load_config(FuseConfig, args.config)
     dataset = load_dataset_dir(args.data, args.annotations)

@@ -50,11 +50,12 @@ def parse_video_ids(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pmvis.models.vis.inference import InferenceConfig, load_inference_model
-    from pmvis.platform.predict import predict_dataset, resolve_category_ids
     from pmvis.core.config import build_config, load_config, parse_dotlist
     from pmvis.core.errors import PmvisError
-    from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir, save_results
+    from pmvis.models.vis.inference import InferenceConfig, load_inference_model
+    from pmvis.platform.data.results_io import save_results
+    from pmvis.platform.data.ytvis_io import check_output_for_dataset, load_dataset_dir
+    from pmvis.platform.predict import predict_dataset, resolve_category_ids
 
     overrides = parse_dotlist(args.overrides)
     if args.device is not None:

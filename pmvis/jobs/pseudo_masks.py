@@ -51,10 +51,10 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmvis.platform.cluster import connect
     from pmvis.core.config import load_config
-    from pmvis.platform.pseudo.plan import PseudoMaskConfig, prepare_pseudo_masks
+    from pmvis.platform.cluster import connect
     from pmvis.platform.pseudo.generate import generate_pseudo_masks
+    from pmvis.platform.pseudo.plan import PseudoMaskConfig, prepare_pseudo_masks
 
     config = load_config(PseudoMaskConfig, args.config)
     updates: dict = {}

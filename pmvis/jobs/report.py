@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pmvis.jobs import add_pseudo_masks_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="dataset dir")
-    parser.add_argument("--pseudo-masks", type=Path, required=True, metavar="OUT",
-                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
+    add_pseudo_masks_argument(parser)
     parser.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="where report.json and plots go")
     parser.add_argument("--truth", type=Path, help="true masks (default DIR/truth.json when it exists)")
     parser.add_argument("--annotations", help="annotation file inside DIR (default annotations.json)")

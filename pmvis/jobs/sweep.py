@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pmvis.jobs import add_pseudo_masks_argument
 from pmvis.platform.tune.config import SCHEDULERS, SEARCHES, SweepConfig
 
 
@@ -33,8 +34,7 @@ def _default(name: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", required=True, metavar="NAME|FILE", help="search space: packaged name or YAML file")
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory (annotations.json + JPEGImages/)")
-    parser.add_argument("--pseudo-masks", required=True, type=Path, metavar="OUT",
-                        help="output directory of `pmvis pseudo-masks` (its store is OUT/raw)")
+    add_pseudo_masks_argument(parser)
     parser.add_argument("--samples", type=int, default=_default("samples"), metavar="N",
                         help=f"trials to draw (× the grid size) (default {_default('samples')})")
     parser.add_argument("--search", choices=SEARCHES, default=_default("search"),

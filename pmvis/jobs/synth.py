@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pmvis.core.config import load_config
-    from pmvis.platform.data.synthetic_scenes import SynthConfig
     from pmvis.platform.data.synthetic import generate_synthetic
+    from pmvis.platform.data.synthetic_scenes import SynthConfig
 
     height, width = args.size if args.size else (None, None)
     overrides = {"videos": args.videos, "frames": args.frames, "height": height, "width": width,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ._common import edge_grads, edge_loss, use_triton
 
+
 def warmup_factor(step: int, warmup_iters: int) -> float:
     """Linear warm-up of the pairwise / TK terms: min(step / warmup_iters, 1) (BoxInst: 10k)."""
     if warmup_iters <= 0:

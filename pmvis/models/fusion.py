@@ -58,6 +58,16 @@ MAX_RLE_VOTERS = 8
 MAX_LISTED = 20
 
 
+def check_source_list(sources: list[str], otherwise: str) -> list[str]:
+    """A config's list of source names: not empty (the message says what to do ``otherwise``), no repeats."""
+    if not sources:
+        raise ValueError(f"must list at least one source ({otherwise})")
+    dup = sorted({s for s in sources if sources.count(s) > 1})
+    if dup:
+        raise ValueError(f"lists a source more than once: {dup}")
+    return sources
+
+
 class FuseConfig(StrictConfig):
     """Every knob of pseudo-mask fusion (see the module docstring for the exact definitions)."""
 
@@ -78,14 +88,7 @@ class FuseConfig(StrictConfig):
     @field_validator("sources")
     @classmethod
     def _check_sources(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must list at least one source (or be null for every source in the store)")
-        dup = sorted({s for s in v if v.count(s) > 1})
-        if dup:
-            raise ValueError(f"lists a source more than once: {dup}")
-        return v
+        return v if v is None else check_source_list(v, "or be null for every source in the store")
 
     def weight(self, source: str) -> float:
         return float(self.source_weights.get(source, 1.0))

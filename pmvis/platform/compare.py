@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmvis.core.errors import PmvisError
-from pmvis.core.io import atomic_path
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import atomic_path
+from pmvis.core.tables import format_table
 from pmvis.platform.experiments import resolve_tracking_uri, search_runs
 
 PARAM_PREFIX = "params."
@@ -135,11 +137,8 @@ def format_comparison(c: Comparison) -> str:
         + [METRIC_PREFIX + m for m in shown_metrics]
     rows = [[_cell(r[col])[:8] if col == "run_id" else _cell(r[col]) for col in cols]
             for r in t.to_dict("records")]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    lines = [f"experiment {c.experiment!r}: {len(t)} runs, best {c.mode} {c.metric} first ({c.tracking_uri})"]
-    lines.append("  ".join(h.rjust(w) if i != 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
-    for row in rows:
-        lines.append("  ".join(v.rjust(w) if i != 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    lines = [f"experiment {c.experiment!r}: {len(t)} runs, best {c.mode} {c.metric} first ({c.tracking_uri})",
+             format_table(headers, rows, align="rl" + "r" * (len(headers) - 2))]
     notes = []
     if c.constant_params:
         notes.append(f"{len(c.constant_params)} params equal in every run (omitted)")

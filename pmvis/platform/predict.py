@@ -13,10 +13,9 @@ import torch
 from tqdm import tqdm
 
 from pmvis.core.errors import PmvisError
-from pmvis.models.vis.inference import InferenceConfig, Track, check_category_ids, predict_video
-
-from pmvis.platform.data.ytvis import Result, YTVISDataset
 from pmvis.core.masks import box_mask_rle
+from pmvis.models.vis.inference import InferenceConfig, Track, check_category_ids, predict_video
+from pmvis.platform.data.ytvis import Result, YTVISDataset
 
 log = logging.getLogger(__name__)
 

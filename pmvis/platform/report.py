@@ -12,23 +12,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pmvis.platform.pseudo.filters import FilterConfig
-from pmvis.core.config import StrictConfig, dump_config
-from pmvis.core.errors import PmvisError
-from pmvis.platform.evaluation import mask_quality
-from pmvis.core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
-from pmvis.platform.pseudo.store import RAW_DIRNAME
-from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset
-from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
-from pmvis.core.masks import decode_mask
+import cv2
 import matplotlib
 import matplotlib.pyplot as plt
-import cv2
-from pmvis.platform.predict import filled_box_results
-from pmvis.platform.pseudo.refine import refine
+import numpy as np
+
+from pmvis.core.config import StrictConfig, dump_config
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from pmvis.core.masks import decode_mask
+from pmvis.platform.data.ytvis import DEFECTS_FILENAME, TRUTH_FILENAME, YTVISDataset
+from pmvis.platform.data.ytvis_io import load_dataset_dir, load_ytvis
 from pmvis.platform.experiments import log_outputs, mlflow_run
+from pmvis.platform.predict import filled_box_results
+from pmvis.platform.pseudo.filters import FilterConfig
+from pmvis.platform.pseudo.refine import refine
+from pmvis.platform.pseudo.store import RAW_DIRNAME
+from pmvis.platform.spatiotemporal_iou import mask_quality
 
 IOU_LEVELS = (0.5, 0.75)
 

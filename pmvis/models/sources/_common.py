@@ -10,9 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pmvis.models.sources.base import SourceMasks, VideoInput
 from pmvis.core.devices import resolve_device  # noqa: F401  (re-exported for the sources)
 from pmvis.core.errors import PmvisError
+from pmvis.models.sources.base import SourceMasks, VideoInput
 
 log = logging.getLogger("pmvis.sources")
 

@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from pmvis.core.errors import PmvisError
 from pmvis.models.sources._common import clip01, empty_tracks, resolve_device
 from pmvis.models.sources.base import SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source
-from pmvis.core.errors import PmvisError
 
 NAME = "boxinst"
 log = logging.getLogger("pmvis.sources.boxinst")
@@ -54,8 +54,8 @@ class BoxInstSourceConfig(SourceConfig):
     @field_validator("inference", mode="before")
     @classmethod
     def _inference_knobs(cls, value: Any) -> dict[str, Any]:
-        from pmvis.models.vis.inference import InferenceConfig
         from pmvis.core.config import build_config
+        from pmvis.models.vis.inference import InferenceConfig
 
         return build_config(InferenceConfig, value or {}, source="source boxinst: inference").model_dump(mode="json")
 
@@ -138,8 +138,7 @@ class BoxInstSource:
 
     def __init__(self, config: BoxInstSourceConfig):
         from pmvis.models.vis.checkpoint import load_model
-        from pmvis.models.vis.inference import InferenceConfig
-        from pmvis.models.vis.inference import check_category_ids
+        from pmvis.models.vis.inference import InferenceConfig, check_category_ids
 
         self.config = config
         self.device = resolve_device(config.device, config.num_gpus)
@@ -155,8 +154,8 @@ class BoxInstSource:
         self.inference = InferenceConfig.model_validate({**config.inference, "device": self.device})
 
     def __call__(self, video: VideoInput) -> dict[int, SourceMasks]:
-        from pmvis.models.vis.inference import predict_video
         from pmvis.core.masks import decode_mask
+        from pmvis.models.vis.inference import predict_video
 
         out = empty_tracks(video)
         missing = sorted({c for c in video.categories.values() if c not in self.category_ids})

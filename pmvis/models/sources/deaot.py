@@ -50,10 +50,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pmvis.models.sources._common import (
-    load_checkpoint_file, load_state_dict_strict, log, state_dict_from, warn_random_weights,
-)
 from pmvis.core.errors import PmvisError
+from pmvis.models.sources._common import (
+    load_checkpoint_file,
+    load_state_dict_strict,
+    log,
+    state_dict_from,
+    warn_random_weights,
+)
 
 ENV_ROOT = "PMVIS_DEAOT_ROOT"
 _CHECKOUT_PACKAGES = ("configs", "networks", "utils", "dataloaders")

@@ -29,8 +29,14 @@ import numpy as np
 from pydantic import Field
 
 from pmvis.models.sources._common import (
-    box_xyxy, clip01, empty_tracks, load_checkpoint_file, load_state_dict_strict, resolve_device,
-    state_dict_from, warn_random_weights,
+    box_xyxy,
+    clip01,
+    empty_tracks,
+    load_checkpoint_file,
+    load_state_dict_strict,
+    resolve_device,
+    state_dict_from,
+    warn_random_weights,
 )
 from pmvis.models.sources.base import SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source
 

@@ -72,13 +72,21 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from pmvis.core.errors import PmvisError
 from pmvis.models.sources._common import (
-    empty_tracks, filled_box_mask, log, resolve_device,
+    empty_tracks,
+    filled_box_mask,
+    log,
+    resolve_device,
 )
 from pmvis.models.sources.base import (
-    Box, SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source,
+    Box,
+    SourceConfig,
+    SourceMasks,
+    SourceSpec,
+    VideoInput,
+    register_source,
 )
-from pmvis.core.errors import PmvisError
 from pmvis.models.sources.propagators import FlowPropagator, MaskPropagator, Sam2Propagator
 
 NAME = "track"

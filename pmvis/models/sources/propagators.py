@@ -7,20 +7,27 @@ are in :mod:`pmvis.models.sources.propagate`'s docstring.
 from __future__ import annotations
 
 import math
-import threading
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from unittest import mock
+
 import cv2
 import numpy as np
+
+from pmvis.core.errors import PmvisError
 from pmvis.models.sources._common import (
-    clip01, load_checkpoint_file, load_state_dict_strict, log, state_dict_from, warn_random_weights,
+    clip01,
+    load_checkpoint_file,
+    load_state_dict_strict,
+    log,
+    state_dict_from,
+    warn_random_weights,
 )
 from pmvis.models.sources.base import (
     Box,
 )
-from pmvis.core.errors import PmvisError
 
 if TYPE_CHECKING:
     from pmvis.models.sources.propagate import PropagationConfig

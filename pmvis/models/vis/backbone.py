@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from pmvis.core.errors import PmvisError
-import timm
-from timm.layers import freeze_batch_norm_2d
 
 # optional in a checkpoint: BatchNorm's step counter
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from pmvis.models.vis.config import ModelConfig
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
 from pmvis.models.vis import build_model
+from pmvis.models.vis.config import ModelConfig
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from pmvis.kernels import (
-    TKAffinity, pairwise_loss, projection_loss, pseudo_mask_loss, tk_affinity, tk_loss, warmup_factor,
+    TKAffinity,
+    pairwise_loss,
+    projection_loss,
+    pseudo_mask_loss,
+    tk_affinity,
+    tk_loss,
+    warmup_factor,
 )
 from pmvis.kernels.pseudo import sigmoid_focal_loss
 

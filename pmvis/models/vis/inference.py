@@ -45,17 +45,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from torchvision.ops import nms
 
 from pmvis.core.config import StrictConfig
 from pmvis.core.devices import check_device
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import Rle, encode_mask
+from pmvis.models.vis.association import MemoryBankTracker
 
 from .boxes import cxcywh_to_xyxy
 from .idol import normalize_images
-from pmvis.models.vis.association import MemoryBankTracker
-from torchvision.ops import nms
-
 
 
 class InferenceConfig(StrictConfig):

@@ -25,16 +25,24 @@ import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import cv2
 import numpy as np
 import torch
+
 from pmvis.core.errors import PmvisError
-from pmvis.platform.data.ytvis import Annotation
 from pmvis.core.masks import decode_mask
+from pmvis.models.vis import (
+    FrameTargets,
+    box_masks_from_boxes,
+    lab_images,
+    mask_targets,
+    normalize_images,
+    valid_masks,
+    valid_sizes,
+)
 from pmvis.platform.data.vis_data import DataConfig, TrainingData
-from pmvis.models.vis import normalize_images
-from pmvis.models.vis import FrameTargets, box_masks_from_boxes, lab_images, valid_masks, valid_sizes
-import cv2
-from pmvis.models.vis import mask_targets
+from pmvis.platform.data.ytvis import Annotation
 
 
 def _has_box(box: Sequence[float] | None) -> bool:

@@ -21,12 +21,17 @@ from typing import Any
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import read_json
-from pmvis.platform.data.ytvis_io import BOX_TOLERANCE_PX, Problems, check_file_name, is_finite_number, parse_ytvis
-from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX, YTVISDataset
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from pmvis.platform.data.ytvis import YTVISDataset
+from pmvis.platform.data.ytvis_io import (
+    BOX_TOLERANCE_PX,
+    Problems,
+    check_file_name,
+    check_image_size,
+    checked_id,
+    is_finite_number,
+    is_int,
+    parse_ytvis,
+)
 
 
 def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
@@ -42,24 +47,12 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
     problems.raise_if_any()
     images: dict[int, dict[str, Any]] = {}
     for i, im in enumerate(raw["images"]):
-        where = f"images[{i}]"
-        if not isinstance(im, dict):
-            problems.add(f"{where}: must be an object")
+        checked = checked_id(im, i, "images", "image", images, problems)
+        if checked is None:
             continue
-        iid = im.get("id")
-        if not _is_int(iid):
-            problems.add(f"{where}: 'id' must be an integer, got {iid!r}")
-            continue
-        where = f"image id={iid}"
-        if iid in images:
-            problems.add(f"{where}: duplicate image id")
-            continue
+        iid, where = checked
         w, h = im.get("width"), im.get("height")
-        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-            problems.add(f"{where}: 'width' and 'height' must be positive integers, got {w!r}x{h!r}")
-            continue
-        if max(w, h) > MAX_IMAGE_SIDE_PX:
-            problems.add(f"{where}: image size {w}x{h} exceeds the largest supported side, {MAX_IMAGE_SIDE_PX} px")
+        if not check_image_size(w, h, where, problems):
             continue
         try:
             name = check_file_name(im.get("file_name"))
@@ -71,7 +64,7 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
     seen_cats: set[int] = set()
     for i, c in enumerate(raw["categories"]):
         cid = c.get("id") if isinstance(c, dict) else None
-        if not _is_int(cid) or not isinstance(c.get("name"), str):
+        if not is_int(cid) or not isinstance(c.get("name"), str):
             problems.add(f"categories[{i}]: needs an integer 'id' and a string 'name', got {c!r}")
         elif cid in seen_cats:
             problems.add(f"category id={cid}: duplicate category id")
@@ -81,24 +74,19 @@ def coco_to_ytvis(raw: Any, *, source: str = "<memory>") -> dict[str, Any]:
     annotations = []
     seen_anns: set[int] = set()
     for i, a in enumerate(raw["annotations"]):
-        if not isinstance(a, dict):
-            problems.add(f"annotations[{i}]: must be an object")
+        iid = a.get("image_id") if isinstance(a, dict) else None
+        checked = checked_id(a, i, "annotations", "annotation", seen_anns, problems,
+                             where=lambda aid: f"annotation id={aid} (image id={iid})")
+        if checked is None:
             continue
-        aid, iid = a.get("id"), a.get("image_id")
-        where = f"annotation id={aid} (image id={iid})" if _is_int(aid) else f"annotations[{i}]"
-        if not _is_int(aid):
-            problems.add(f"{where}: 'id' must be an integer, got {aid!r}")
-            continue
-        if aid in seen_anns:
-            problems.add(f"{where}: duplicate annotation id")
-            continue
+        aid, where = checked
         seen_anns.add(aid)
-        image = images.get(iid) if _is_int(iid) else None
+        image = images.get(iid) if is_int(iid) else None
         if image is None:
             problems.add(f"{where}: 'image_id' {iid!r} is not an image of this file")
             continue
         cid = a.get("category_id")
-        if not _is_int(cid) or cid not in seen_cats:
+        if not is_int(cid) or cid not in seen_cats:
             problems.add(f"{where}: 'category_id' {cid!r} is not a category of this file")
             continue
         box = a.get("bbox")

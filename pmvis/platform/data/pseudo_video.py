@@ -23,9 +23,9 @@ import math
 import cv2
 import numpy as np
 
+from pmvis.core.masks import decode_mask
 from pmvis.platform.data.clips import ClipBatch, ClipSampler, _Frame, _has_box, _VideoIndex
 from pmvis.platform.data.vis_data import PseudoVideoConfig
-from pmvis.core.masks import decode_mask
 
 
 def random_similarity(rng: np.random.Generator, cfg: PseudoVideoConfig, height: int, width: int) -> np.ndarray:

@@ -41,8 +41,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from pmvis.core.errors import PmvisError
-from pmvis.core.masks import encode_mask
 from pmvis.core.io import read_json, write_json_atomic
+from pmvis.core.masks import encode_mask
 from pmvis.platform.data.synthetic_scenes import CATEGORIES, SynthConfig, SynthVideo, render_video
 
 DEFECT_KINDS: tuple[str, ...] = ("inaccurate", "missing")

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import cv2
 import numpy as np
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import Rle
-import cv2
 
 # Largest accepted frame side (pixels): 16K video is 15360 wide. A bound keeps every mask
 # decode (H * W bytes) and every pycocotools size field small, whatever a file claims.

@@ -11,23 +11,23 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Callable, Container
+
 from pycocotools import mask as mask_utils
+
 from pmvis.core.errors import PmvisError
-from pmvis.core.masks import Rle, compressed_rle_total, to_coco_rle
 from pmvis.core.io import check_output_file, read_json, write_json_atomic
+from pmvis.core.masks import Rle, compressed_rle_total, to_coco_rle
 from pmvis.platform.data.ytvis import (
     ANNOTATIONS_FILENAME,
-    Annotation,
     DATASET_FILENAMES,
     FRAMES_DIRNAME,
     MAX_IMAGE_SIDE_PX,
-    Result,
+    Annotation,
     Video,
     YTVISDataset,
     frame_file_problem,
 )
-
 
 # A box may overhang the image by this much (pixels) before it is an error: boxes derived from
 # polygons or resized annotations land a fraction of a pixel outside.
@@ -128,7 +128,7 @@ class Problems:
         raise PmvisError("\n".join(lines))
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -150,29 +150,48 @@ def check_file_name(name: Any) -> str:
     return name
 
 
+def checked_id(item: Any, index: int, list_name: str, kind: str, seen: Container[int], problems: Problems,
+               where: Callable[[int], str] | None = None) -> tuple[int, str] | None:
+    """The integer ``id`` of entry ``index`` of a JSON list and where to say it is (``where(id)``,
+    default "KIND id=ID"); a problem noted and None when the entry is not an object, its id is not
+    an integer, or the id repeats one in ``seen``."""
+    if not isinstance(item, dict):
+        problems.add(f"{list_name}[{index}]: must be an object")
+        return None
+    rid = item.get("id")
+    if not is_int(rid):
+        problems.add(f"{list_name}[{index}]: 'id' must be an integer, got {rid!r}")
+        return None
+    at = where(rid) if where is not None else f"{kind} id={rid}"
+    if rid in seen:
+        problems.add(f"{at}: duplicate {kind} id")
+        return None
+    return rid, at
+
+
+def check_image_size(w: Any, h: Any, where: str, problems: Problems, *, what: str = "image") -> bool:
+    """Positive integer ``w`` × ``h`` within :data:`MAX_IMAGE_SIDE_PX`; else a problem noted at ``where``."""
+    if not (is_int(w) and is_int(h) and w > 0 and h > 0):
+        problems.add(f"{where}: 'width' and 'height' must be positive integers, got {w!r}x{h!r}")
+        return False
+    if max(w, h) > MAX_IMAGE_SIDE_PX:
+        problems.add(f"{where}: {what} size {w}x{h} exceeds the largest supported side, {MAX_IMAGE_SIDE_PX} px")
+        return False
+    return True
+
+
 def _parse_videos(raw: Any, problems: Problems) -> dict[int, Video]:
     videos: dict[int, Video] = {}
     if not isinstance(raw, list):
         problems.add("'videos' must be a list")
         return videos
     for i, v in enumerate(raw):
-        if not isinstance(v, dict):
-            problems.add(f"videos[{i}]: must be an object")
+        checked = checked_id(v, i, "videos", "video", videos, problems)
+        if checked is None:
             continue
-        vid = v.get("id")
-        where = f"video id={vid}" if _is_int(vid) else f"videos[{i}]"
-        if not _is_int(vid):
-            problems.add(f"{where}: 'id' must be an integer, got {vid!r}")
-            continue
-        if vid in videos:
-            problems.add(f"{where}: duplicate video id")
-            continue
+        vid, where = checked
         w, h = v.get("width"), v.get("height")
-        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-            problems.add(f"{where}: 'width' and 'height' must be positive integers, got {w!r}x{h!r}")
-            continue
-        if max(w, h) > MAX_IMAGE_SIDE_PX:
-            problems.add(f"{where}: frame size {w}x{h} exceeds the largest supported side, {MAX_IMAGE_SIDE_PX} px")
+        if not check_image_size(w, h, where, problems, what="frame"):
             continue
         names = v.get("file_names")
         if not isinstance(names, list):
@@ -205,7 +224,7 @@ def _parse_categories(raw: Any, problems: Problems) -> dict[int, str]:
         return cats
     for i, c in enumerate(raw):
         cid = c.get("id") if isinstance(c, dict) else None
-        if not _is_int(cid):
+        if not is_int(cid):
             problems.add(f"categories[{i}]: 'id' must be an integer")
         elif cid in cats:
             problems.add(f"category id={cid}: duplicate category id")
@@ -246,16 +265,16 @@ def _parse_annotation(
 ) -> Annotation | None:
     aid = a.get("id")
     vid = a.get("video_id")
-    where = f"annotation id={aid} (video id={vid})" if _is_int(aid) else f"annotations[{i}]"
-    if not _is_int(aid):
+    where = f"annotation id={aid} (video id={vid})" if is_int(aid) else f"annotations[{i}]"
+    if not is_int(aid):
         problems.add(f"{where}: 'id' must be an integer, got {aid!r}")
         return None
-    video = videos.get(vid) if _is_int(vid) else None
+    video = videos.get(vid) if is_int(vid) else None
     if video is None:
         problems.add(f"{where}: 'video_id' {vid!r} is not a video of this file")
         return None
     cid = a.get("category_id")
-    if not _is_int(cid) or cid not in cats:
+    if not is_int(cid) or cid not in cats:
         problems.add(f"{where}: 'category_id' {cid!r} is not a category of this file")
         return None
     T = video.length
@@ -327,7 +346,7 @@ def parse_ytvis(raw: Any, *, source: str = "<memory>") -> YTVISDataset:
         if not isinstance(a, dict):
             problems.add(f"annotations[{i}]: must be an object")
             continue
-        if _is_int(a.get("id")) and a["id"] in seen:
+        if is_int(a.get("id")) and a["id"] in seen:
             problems.add(f"annotation id={a['id']}: duplicate annotation id")
             continue
         ann = _parse_annotation(a, i, videos, cats, problems)
@@ -368,57 +387,6 @@ def load_ytvis(
 
 def save_ytvis(dataset: YTVISDataset, path: str | os.PathLike) -> None:
     write_json_atomic(path, dataset.to_json())
-
-
-def parse_results(raw: Any, gt: YTVISDataset, *, source: str = "<memory>") -> list[Result]:
-    """Validate results against the ground truth's videos (length, size) and categories."""
-    problems = Problems(source)
-    if not isinstance(raw, list):
-        raise PmvisError(f"{source}: a results file is a JSON list of predictions, got {type(raw).__name__}")
-    results: list[Result] = []
-    for i, r in enumerate(raw):
-        where = f"results[{i}]"
-        if not isinstance(r, dict):
-            problems.add(f"{where}: must be an object")
-            continue
-        vid = r.get("video_id")
-        where = f"results[{i}] (video id={vid})"
-        video = gt.videos.get(vid) if _is_int(vid) else None
-        if video is None:
-            problems.add(f"{where}: video id is not in the ground truth")
-            continue
-        cid = r.get("category_id")
-        if not _is_int(cid) or cid not in gt.categories:
-            problems.add(f"{where}: category_id {cid!r} is not in the ground truth")
-            continue
-        score = r.get("score")
-        if not is_finite_number(score):
-            problems.add(f"{where}: 'score' must be a finite number, got {score!r}")
-            continue
-        segs = r.get("segmentations")
-        if not isinstance(segs, list) or len(segs) != video.length:
-            n = len(segs) if isinstance(segs, list) else segs
-            problems.add(f"{where}: 'segmentations' must list {video.length} frames, got {n!r}")
-            continue
-        out = []
-        for t, seg in enumerate(segs):
-            try:
-                out.append(normalise_segmentation(seg, video.height, video.width))
-            except ValueError as e:
-                problems.add(f"{where}, frame {t}: {e}")
-                out.append(None)
-        results.append(Result(video_id=vid, category_id=r["category_id"], score=float(score), segmentations=out))
-    problems.raise_if_any()
-    return results
-
-
-def load_results(path: str | os.PathLike, gt: YTVISDataset) -> list[Result]:
-    path = Path(path)
-    return parse_results(read_json(path), gt, source=str(path))
-
-
-def save_results(results: Iterable[Result], path: str | os.PathLike) -> None:
-    write_json_atomic(path, [r.to_json() for r in results])
 
 
 def load_dataset_dir(

@@ -19,9 +19,10 @@ from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME
 from pmvis.models.weights import TINY_PRETRAINED, shipped_weights
 from pmvis.platform.cluster import connect
 from pmvis.platform.compare import compare_runs, format_comparison, write_comparison
+from pmvis.platform.data.results_io import save_results
 from pmvis.platform.data.synthetic import generate_synthetic
 from pmvis.platform.data.synthetic_scenes import SynthConfig
-from pmvis.platform.data.ytvis_io import load_ytvis, save_results, save_ytvis
+from pmvis.platform.data.ytvis_io import load_ytvis, save_ytvis
 from pmvis.platform.demo.config import (
     COMPARISON_KEYS,
     DEMO_FINETUNE_LR,

@@ -38,12 +38,12 @@ from typing import Any, Iterable, Literal, Mapping
 from pycocotools import mask as mask_utils
 from pydantic import Field, field_validator
 
-from pmvis.models.fusion import FuseConfig
-from pmvis.platform.pseudo.fuse import fuse_with_stats, index_tracks
 from pmvis.core.config import StrictConfig
-from pmvis.platform.pseudo.store import RawMasks
-from pmvis.platform.data.ytvis import Annotation, YTVISDataset
 from pmvis.core.masks import rle_areas, to_coco_rles
+from pmvis.models.fusion import FuseConfig, check_source_list
+from pmvis.platform.data.ytvis import Annotation, YTVISDataset
+from pmvis.platform.pseudo.fuse import fuse_with_stats, index_tracks
+from pmvis.platform.pseudo.store import RawMasks
 
 REPORT_KINDS: tuple[str, ...] = ("inaccurate", "missing")
 
@@ -63,12 +63,7 @@ class FilterConfig(StrictConfig):
     @field_validator("missing_sources")
     @classmethod
     def _check_missing_sources(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("must list at least one source (or set missing: false)")
-        dup = sorted({s for s in v if v.count(s) > 1})
-        if dup:
-            raise ValueError(f"lists a source more than once: {dup}")
-        return v
+        return check_source_list(v, "or set missing: false")
 
 
 def _copy_annotation(a: Annotation) -> Annotation:

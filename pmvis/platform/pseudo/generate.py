@@ -35,24 +35,32 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-
-from pmvis.core.errors import PmvisError
-from pmvis.platform.pseudo.store import (
-    done_videos,
-    clear_source,
-    write_video_rows,
-)
-from pmvis.platform.pseudo.workers import SourceRunner, encode_batch, run_cpu_source, store_rows
-from pmvis.platform.pseudo.plan import PseudoMaskConfig, PseudoMaskPlan, read_manifest, what_changed, write_manifest, prepare_pseudo_masks
 import ray.data
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
+
+from pmvis.core.errors import PmvisError
 from pmvis.models.sources.base import get_source_spec
+from pmvis.platform.pseudo.plan import (
+    PseudoMaskConfig,
+    PseudoMaskPlan,
+    prepare_pseudo_masks,
+    read_manifest,
+    what_changed,
+    write_manifest,
+)
+from pmvis.platform.pseudo.store import (
+    clear_source,
+    done_videos,
+    write_video_rows,
+)
+from pmvis.platform.pseudo.workers import SourceRunner, encode_batch, run_cpu_source, store_rows
 
 # Attempts after the first for a (source, video) whose worker crashed (segfault, OOM kill, lost
 # actor). Errors raised by a source are never retried: they come back as the video's error row.
@@ -112,6 +120,28 @@ def _lost_error(errors: list[str]) -> str:
     return f"its worker failed on all {attempts} attempts (crash, out of memory or a lost node): {detail}"
 
 
+def _source_pipeline(todo: list[int], runner_kwargs: dict[str, Any], *, uses_model: bool, actors: int,
+                     num_gpus: float) -> Any:
+    """The Ray Data job of one source: its videos → the source (an actor pool for model sources,
+    CPU tasks for the others) → RLE encoding."""
+    ds = ray.data.from_items([{"video_id": v} for v in todo], override_num_blocks=len(todo))
+    # Ray 2.60 warns that retry counts passed as remote args are deprecated, but offers no named
+    # parameter for them yet; bounded retries are what keeps one crashing video from hanging a run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        if uses_model:
+            ds = ds.map_batches(
+                SourceRunner, fn_constructor_kwargs=runner_kwargs, batch_size=1,
+                compute=ActorPoolStrategy(size=max(1, min(actors, len(todo)))), num_gpus=num_gpus or None, num_cpus=1,
+                # Bounded: each video may crash its actor on every one of its attempts, no more.
+                max_restarts=(1 + MAX_TASK_RETRIES) * len(todo), max_task_retries=MAX_TASK_RETRIES,
+            )
+        else:
+            ds = ds.map_batches(run_cpu_source, fn_kwargs=runner_kwargs, batch_size=1, num_cpus=1,
+                                max_retries=MAX_TASK_RETRIES)
+        return ds.map_batches(encode_batch, batch_size=1, num_cpus=1, max_retries=MAX_TASK_RETRIES)
+
+
 def generate_pseudo_masks(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -165,23 +195,11 @@ def generate_pseudo_masks(
                 summary.written[name] = 0
                 if not todo:
                     continue
-                items = [{"video_id": v} for v in todo]
-                ds = ray.data.from_items(items, override_num_blocks=len(items))
                 runner_kwargs = dict(name=name, options=sp.options, plugins=plan.config.plugins,
                                      data_dir=str(plan.data_dir), annotations=plan.annotations,
                                      raw_dir=str(raw_dir), init_from=sp.init_from)
-                if spec.uses_model:
-                    ds = ds.map_batches(
-                        SourceRunner, fn_constructor_kwargs=runner_kwargs, batch_size=1,
-                        compute=ActorPoolStrategy(size=max(1, min(sp.config.actors, len(todo)))),
-                        num_gpus=sp.config.num_gpus or None, num_cpus=1,
-                        # Bounded: each video may crash its actor on every one of its attempts, no more.
-                        max_restarts=(1 + MAX_TASK_RETRIES) * len(todo), max_task_retries=MAX_TASK_RETRIES,
-                    )
-                else:
-                    ds = ds.map_batches(run_cpu_source, fn_kwargs=runner_kwargs, batch_size=1, num_cpus=1,
-                                        max_retries=MAX_TASK_RETRIES)
-                ds = ds.map_batches(encode_batch, batch_size=1, num_cpus=1, max_retries=MAX_TASK_RETRIES)
+                ds = _source_pipeline(todo, runner_kwargs, uses_model=spec.uses_model, actors=sp.config.actors,
+                                      num_gpus=sp.config.num_gpus)
                 bar = tqdm(total=len(todo), desc=f"pseudo-masks [{name}]", unit="video", disable=not progress)
                 seen: set[int] = set()
                 for row in ds.iter_rows():

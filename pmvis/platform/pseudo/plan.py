@@ -14,20 +14,21 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from pydantic import ValidationError
+
 from pmvis.core.config import StrictConfig
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import read_json, write_json_atomic
+from pmvis.models.sources.base import get_source_spec
+from pmvis.platform.data.ytvis import YTVISDataset
+from pmvis.platform.data.ytvis_io import load_dataset_dir
 from pmvis.platform.pseudo.store import (
     RAW_DIRNAME,
     done_videos,
     stored_sources,
 )
-from pmvis.platform.data.ytvis import YTVISDataset
-from pmvis.platform.data.ytvis_io import load_dataset_dir
 from pmvis.platform.pseudo.workers import import_plugins
-from pmvis.models.sources.base import get_source_spec
-
 
 MANIFEST_FILENAME = "manifest.json"
 

@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
+from pmvis.core.masks import Rle, compressed_rle_totals
 from pmvis.platform.data.ytvis import MAX_IMAGE_SIDE_PX
 from pmvis.platform.data.ytvis_io import Problems
-from pmvis.core.masks import Rle, compressed_rle_totals
 
 RAW_DIRNAME = "raw"
 SCHEMA = pa.schema([

@@ -350,7 +350,8 @@ def format_train_result(result: TrainResult) -> str:
         ev = result.evaluation
         cells = ["   -  " if ev.get(n) is None else f"{ev[n]:6.2f}" for n in METRIC_NAMES]
         lines.append("held-out evaluation:")
-        lines += ["  " + line for line in format_table(METRIC_NAMES, [cells], align="r" * len(METRIC_NAMES)).splitlines()]
+        table = format_table(METRIC_NAMES, [cells], align="r" * len(METRIC_NAMES))
+        lines += ["  " + line for line in table.splitlines()]
     else:
         lines.append("held-out evaluation: none (no held-out videos, or the inference module is not available)")
     lines.append(f"checkpoint:      {result.checkpoint}")

@@ -13,11 +13,12 @@ import typing
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Union
+
 from pydantic import BaseModel
-from pmvis.core.errors import PmvisError
-from pmvis.core.config import build_config
 from ray import tune
 
+from pmvis.core.config import build_config
+from pmvis.core.errors import PmvisError
 
 # Knob root -> the pydantic model its paths walk: a class, or "module:Class" imported on first
 # use (LossConfig's module pulls in torch). Extend it for new trial sections, e.g.

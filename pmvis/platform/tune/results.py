@@ -8,13 +8,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-from pmvis.core.tables import format_table
-from pmvis.platform.tune.config import BEST_CONFIG_FILENAME, BEST_TRIAL_FILENAME, METRIC, TRAIN_RUN_NAME, TRIALS_DIRNAME
+
 import yaml
+
 from pmvis.core.config import load_config
 from pmvis.core.io import write_text_atomic
-from pmvis.platform.train.driver import CONFIG_FILENAME
+from pmvis.core.tables import format_table
 from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.train.driver import CONFIG_FILENAME
+from pmvis.platform.tune.config import BEST_CONFIG_FILENAME, BEST_TRIAL_FILENAME, METRIC, TRAIN_RUN_NAME, TRIALS_DIRNAME
 
 
 @dataclass

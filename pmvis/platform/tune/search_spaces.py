@@ -43,10 +43,18 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ValidationError
 
 from pmvis.core.config import apply_dotted, parse_yaml_mapping
-from pmvis.core.io import read_text_utf8
 from pmvis.core.errors import PmvisError
-from pmvis.platform.tune.knobs import Knob, as_rng, flat_get, base_config, build_roots, check_knob_path, knob_root_model, parse_knob
-
+from pmvis.core.io import read_text_utf8
+from pmvis.platform.tune.knobs import (
+    Knob,
+    as_rng,
+    base_config,
+    build_roots,
+    check_knob_path,
+    flat_get,
+    knob_root_model,
+    parse_knob,
+)
 
 INCLUDE_KEY = "include"
 PACKAGE = "pmvis.search_spaces"

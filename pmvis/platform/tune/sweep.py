@@ -44,24 +44,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-
-from pmvis.core.errors import PmvisError
-from pmvis.platform.tune.config import METRIC, MODE, RESULTS_FILENAME, SCHEDULERS, SEARCHES, SweepConfig, TRAIN_RUN_NAME, TRIALS_DIRNAME, TUNE_VERBOSITY
-from pmvis.platform.tune.trials import base_train_values, trial_configs, trial_driver
-from pmvis.platform.tune.results import SweepResult, collect_rows, write_best
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from pmvis.core.config import build_config
-from pmvis.platform.train.config import TrainConfig
-import ray
-from pmvis.platform.pseudo.store import resolve_raw_dir
-from pmvis.platform.tune.search_spaces import load_space
-from pmvis.platform.experiments import default_tracking_uri
-from pmvis.platform.data.ytvis_io import load_dataset_dir
-from ray import tune
+from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic
-from pmvis.platform.experiments import ResumableMLflowLoggerCallback, close_running_runs, ensure_experiment
+from pmvis.platform.data.ytvis_io import load_dataset_dir
+from pmvis.platform.experiments import (
+    ResumableMLflowLoggerCallback,
+    close_running_runs,
+    default_tracking_uri,
+    ensure_experiment,
+)
+from pmvis.platform.pseudo.store import resolve_raw_dir
+from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.tune.config import (
+    METRIC,
+    MODE,
+    RESULTS_FILENAME,
+    SCHEDULERS,
+    SEARCHES,
+    TRAIN_RUN_NAME,
+    TRIALS_DIRNAME,
+    TUNE_VERBOSITY,
+    SweepConfig,
+)
+from pmvis.platform.tune.results import SweepResult, collect_rows, write_best
+from pmvis.platform.tune.search_spaces import load_space
+from pmvis.platform.tune.trials import base_train_values, trial_configs, trial_driver
 
 logger = logging.getLogger(__name__)
 

@@ -8,23 +8,28 @@ import copy
 import json
 from pathlib import Path
 from typing import Any, Mapping
-from pmvis.core.errors import PmvisError
-from pmvis.platform.tune.config import CLEAN_FILENAME, PSEUDO_FILENAME, SweepConfig, TRAIN_ROOTS, TRAIN_RUN_NAME, TRIALS_DIRNAME
-from pmvis.core.config import build_config
-from pmvis.platform.train.config import TrainConfig
-from pmvis.core.config import merge_values
-from pmvis.platform.pseudo.filters import FilterConfig
-from pmvis.models.fusion import FuseConfig
-from pmvis.core.config import apply_dotted
-from pmvis.platform.tune.knobs import base_config
-from pmvis.core.io import write_json_atomic
-from pmvis.platform.pseudo.refine import refine
-from pmvis.platform.data.ytvis_io import load_dataset_dir, save_ytvis
+
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from pmvis.core.config import dump_config
-from pmvis.core.io import write_text_atomic
+
+from pmvis.core.config import apply_dotted, build_config, dump_config, merge_values
+from pmvis.core.errors import PmvisError
+from pmvis.core.io import write_json_atomic, write_text_atomic
+from pmvis.models.fusion import FuseConfig
+from pmvis.platform.data.ytvis_io import load_dataset_dir, save_ytvis
+from pmvis.platform.pseudo.filters import FilterConfig
+from pmvis.platform.pseudo.refine import refine
+from pmvis.platform.train.config import TrainConfig
 from pmvis.platform.train.driver import run_training
+from pmvis.platform.tune.config import (
+    CLEAN_FILENAME,
+    PSEUDO_FILENAME,
+    TRAIN_ROOTS,
+    TRAIN_RUN_NAME,
+    TRIALS_DIRNAME,
+    SweepConfig,
+)
+from pmvis.platform.tune.knobs import base_config
 
 
 def split_overrides(values: Mapping[str, Any]) -> tuple[dict, dict, dict]:
