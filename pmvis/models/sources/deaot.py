@@ -51,13 +51,8 @@ import cv2
 import numpy as np
 
 from pmvis.core.errors import PmvisError
-from pmvis.models.sources._common import (
-    load_checkpoint_file,
-    load_state_dict_strict,
-    log,
-    state_dict_from,
-    warn_random_weights,
-)
+from pmvis.models.sources._common import log, warn_random_weights
+from pmvis.models.torch_files import load_state_dict_strict, load_torch_file, state_dict_from
 
 ENV_ROOT = "PMVIS_DEAOT_ROOT"
 _CHECKOUT_PACKAGES = ("configs", "networks", "utils", "dataloaders")
@@ -130,10 +125,10 @@ class DeAOTPropagator:
         if checkpoint is None:
             warn_random_weights(what)
         else:
-            loaded = load_checkpoint_file(checkpoint, what)
-            state = state_dict_from(loaded, checkpoint, what, keys=("state_dict", "model"))
+            loaded = load_torch_file(checkpoint, f"{what} checkpoint")
+            state = state_dict_from(loaded, checkpoint, f"{what} checkpoint", keys=("state_dict", "model"))
             state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-            load_state_dict_strict(model, state, checkpoint, what)
+            load_state_dict_strict(model, state, checkpoint, f"{what} checkpoint")
             log.info("%s: loaded weights from %s", what, checkpoint)
         self.model = model.to(self.device).eval()
         gpu_id = (self.device.index or 0) if self.device.type == "cuda" else 0

@@ -28,17 +28,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pmvis.models.sources._common import (
-    box_xyxy,
-    clip01,
-    empty_tracks,
-    load_checkpoint_file,
-    load_state_dict_strict,
-    resolve_device,
-    state_dict_from,
-    warn_random_weights,
-)
+from pmvis.models.sources._common import box_xyxy, clip01, empty_tracks, resolve_device, warn_random_weights
 from pmvis.models.sources.base import SourceConfig, SourceMasks, SourceSpec, VideoInput, register_source
+from pmvis.models.torch_files import load_state_dict_strict, load_torch_file, state_dict_from
 
 NAME = "hqsam"
 log = logging.getLogger("pmvis.sources.hqsam")
@@ -65,11 +57,11 @@ def build_hqsam_model(model_type: str, checkpoint: str | None, *, device: str = 
     if checkpoint is None:
         warn_random_weights(what)
     else:
-        loaded = load_checkpoint_file(checkpoint, what)
+        loaded = load_torch_file(checkpoint, f"{what} checkpoint")
         # Unexpected keys are tolerated (logged), as the package's own non-strict loader does;
         # missing or mis-shaped ones are errors.
-        load_state_dict_strict(model, state_dict_from(loaded, checkpoint, what, keys=("model", "state_dict")),
-                               checkpoint, what, allow_unexpected=True)
+        state = state_dict_from(loaded, checkpoint, f"{what} checkpoint", keys=("model", "state_dict"))
+        load_state_dict_strict(model, state, checkpoint, f"{what} checkpoint", allow_unexpected=True)
         log.info("%s: loaded weights from %s", what, checkpoint)
     return model.to(device).eval()
 

@@ -73,12 +73,7 @@ import numpy as np
 from pydantic import Field
 
 from pmvis.core.errors import PmvisError
-from pmvis.models.sources._common import (
-    empty_tracks,
-    filled_box_mask,
-    log,
-    resolve_device,
-)
+from pmvis.models.sources._common import empty_tracks, filled_box_mask, log, resolve_device
 from pmvis.models.sources.base import (
     Box,
     SourceConfig,

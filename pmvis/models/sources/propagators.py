@@ -17,17 +17,11 @@ import cv2
 import numpy as np
 
 from pmvis.core.errors import PmvisError
-from pmvis.models.sources._common import (
-    clip01,
-    load_checkpoint_file,
-    load_state_dict_strict,
-    log,
-    state_dict_from,
-    warn_random_weights,
-)
+from pmvis.models.sources._common import clip01, log, warn_random_weights
 from pmvis.models.sources.base import (
     Box,
 )
+from pmvis.models.torch_files import load_state_dict_strict, load_torch_file, state_dict_from
 
 if TYPE_CHECKING:
     from pmvis.models.sources.propagate import PropagationConfig
@@ -114,9 +108,9 @@ def build_sam2_predictor(config_name: str, checkpoint: str | None, *, device: st
     if checkpoint is None:
         warn_random_weights(what)
     else:
-        loaded = load_checkpoint_file(checkpoint, what)
-        load_state_dict_strict(predictor, state_dict_from(loaded, checkpoint, what, keys=("model",)),
-                               checkpoint, what)
+        loaded = load_torch_file(checkpoint, f"{what} checkpoint")
+        state = state_dict_from(loaded, checkpoint, f"{what} checkpoint", keys=("model",))
+        load_state_dict_strict(predictor, state, checkpoint, f"{what} checkpoint")
         log.info("%s: loaded weights from %s", what, checkpoint)
     predictor.fill_hole_area = 0  # needs sam2's CUDA extension, which this project does not build
     return predictor.to(device).eval()

@@ -17,6 +17,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from pmvis.core.errors import PmvisError
+from pmvis.models.torch_files import load_torch_file, state_dict_from
 
 # optional in a checkpoint: BatchNorm's step counter
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -58,17 +59,8 @@ class Backbone(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise PmvisError(f"{path}: backbone weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects, …
-        raise PmvisError(f"{path}: not a readable torch state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    for key in _NESTED_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    obj = state_dict_from(load_torch_file(path, "backbone weights"), path, "backbone weights", keys=_NESTED_KEYS)
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PmvisError(f"{path}: expected a mapping of parameter names to tensors")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 

@@ -18,6 +18,7 @@ import torch
 from pmvis.core.config import build_config
 from pmvis.core.errors import PmvisError
 from pmvis.core.io import atomic_path
+from pmvis.models.torch_files import load_torch_file
 from pmvis.models.vis import build_model
 from pmvis.models.vis.config import ModelConfig
 
@@ -73,12 +74,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILENAME
-    if not path.is_file():
-        raise PmvisError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / non-torch files
-        raise PmvisError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    state = load_torch_file(path, "checkpoint")
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise PmvisError(f"{path}: not a pmvis checkpoint (format_version {FORMAT_VERSION} expected)")
     state["path"] = str(path)
