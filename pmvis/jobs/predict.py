@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pmvis.jobs import add_dataset_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
                         help="pmvis checkpoint file (or a directory holding checkpoint.pt)")
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset dir (annotations.json, JPEGImages/)")
+    add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, metavar="RESULTS.json", help="YTVIS results file to write")
-    parser.add_argument("--annotations", type=Path, metavar="FILE",
-                        help="annotation file to use instead of DIR/annotations.json (relative to DIR or absolute)")
     parser.add_argument("--videos", metavar="ID,ID,...", help="comma-separated video ids (default: all)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--config", type=Path, metavar="INFER.yaml", help="YAML file of InferenceConfig knobs")
