@@ -12,7 +12,6 @@ import numpy as np
 
 from pmvis.core.errors import PmvisError
 from pmvis.core.masks import Rle
-from pmvis.kernels.rle import pair_intersections, parse_counts
 from pmvis.platform.data.ytvis import Annotation, YTVISDataset
 
 
@@ -45,6 +44,8 @@ class RleTracks:
                     counts.append(c.decode("ascii") if isinstance(c, bytes) else c)
                     sizes.add((int(r["size"][0]), int(r["size"][1])))
             indices.append(idx)
+        from pmvis.kernels.rle import parse_counts  # numba: imported (and compiled) where masks are compared
+
         runs, offsets, areas, totals = parse_counts(counts)
         if len(sizes) > 1 or (sizes and np.any(totals != np.prod(next(iter(sizes))))):
             raise PmvisError(f"masks of {where} differ in size or do not cover it: sizes {sorted(sizes)}, "
@@ -78,6 +79,8 @@ def track_pair_intersections(d: RleTracks, g: RleTracks, pairs: np.ndarray) -> n
 
     if d.runs is not g.runs:
         raise ValueError("detections and ground truth must come from one RleTracks.build_many call")
+    from pmvis.kernels.rle import pair_intersections  # numba, as in RleTracks.build_many
+
     return pair_intersections(d.runs, d.offsets, d.masks, g.masks, pairs).astype(np.float64)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from pmvis.core.errors import PmvisError
@@ -25,6 +23,8 @@ _NESTED_KEYS = ("state_dict", "model")
 
 
 def _feature_strides(name: str) -> list[int]:
+    import timm  # here, not at module import: timm (and torchvision) take seconds, only model builders need it
+
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, features_only=True, pretrained=False)
@@ -45,6 +45,8 @@ class Backbone(nn.Module):
         if missing:
             raise PmvisError(f"backbone {name!r} has feature strides {available}, not {missing}")
         indices = tuple(available.index(s) for s in strides)
+        import timm
+        from timm.layers import freeze_batch_norm_2d
 
         self.body = timm.create_model(name, features_only=True, pretrained=False, out_indices=indices)
         self.strides = list(strides)

@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torchvision.ops import nms
 
 from pmvis.core.config import StrictConfig
 from pmvis.core.devices import check_device
@@ -130,6 +129,8 @@ def box_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, threshold: float) ->
 
     if boxes_xyxy.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes_xyxy.device)
+    from torchvision.ops import nms  # here: torchvision takes seconds to import, training never needs it
+
     return nms(boxes_xyxy.float(), scores.float(), float(threshold))
 
 

@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from pmvis.core.errors import PmvisError
 from pmvis.models.vis.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
-from pmvis.platform.experiments import MetricsLogger
 from pmvis.platform.progress import ProgressPrinter
 from pmvis.platform.ray_logs import install_train_worker_log_filters
 from pmvis.platform.train.checkpoints import (
@@ -96,6 +95,16 @@ def _maybe_fail(debug: DebugConfig, iteration: int, rank: int) -> None:
     raise RuntimeError(f"debug: injected failure at iteration {iteration} on rank {rank}")
 
 
+class _NoMetrics:
+    """The metrics logger of the ranks that do not log (and of a run without MLflow)."""
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def tag(self, key: str, value: str) -> None:
+        pass
+
+
 @dataclass
 class StepEnd:
     """What the hooks after a step see: ``done`` iterations completed, whether it is the last one,
@@ -137,7 +146,7 @@ class EvaluateHook(Hook):
 class LogHook(Hook):
     """MLflow metrics from rank 0, on its own cadence and whenever the step was evaluated."""
 
-    def __init__(self, every: int, metrics_logger: MetricsLogger, rank: int) -> None:
+    def __init__(self, every: int, metrics_logger: Any, rank: int) -> None:
         super().__init__(every)
         self.metrics_logger, self.rank = metrics_logger, rank
 
@@ -207,7 +216,12 @@ def train_loop_per_worker(config: dict) -> dict[str, Any] | None:
     assert loop is not None  # no error anywhere: every rank built its loop
     loop.distribute()
     start = loop.iteration
-    mlf = MetricsLogger(uri, run_id) if rank == 0 else MetricsLogger(None, None)
+    mlf: Any = _NoMetrics()
+    if rank == 0 and run_id:
+        # here, not at module import: MLflow takes ~2 s to import and only rank 0 logs
+        from pmvis.platform.experiments import MetricsLogger
+
+        mlf = MetricsLogger(uri, run_id)
     meta_extra = {"mlflow_run_id": run_id, "tracking_uri": uri, "run_name": cfg.run_name}
     evaluation: dict[str, Any] | None = None
     metrics: dict[str, Any] = {}
