@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "pretrain": "pretrain",
     "predict": "predict",
+    "import-checkpoint": "import_checkpoint",
     "compare": "compare",
     "sweep": "sweep",
 }

@@ -31,7 +31,7 @@ from pmvis.models.vis import (
 )
 from pmvis.models.vis.boxes import xyxy_to_cxcywh
 from pmvis.models.vis.matcher import DynamicKMatcher
-from pmvis.models.vis.tracking_loss import negative_boundary, tracking_losses
+from pmvis.models.vis.tracking_loss import tracking_losses
 
 SIZE = 64
 STRIDE = 4
@@ -483,7 +483,6 @@ def test_tracking_loss_by_hand():
     assert contrast.item() == pytest.approx(math.log(1 + math.exp(0 - 2) + math.exp(-1 - 2)))
     # cosines 1 (target 1), 0 and −1 (target 0)
     assert aux.item() == pytest.approx((0 + 0 + 1) / 3)
-    assert negative_boundary(300, 100) == 100 and negative_boundary(10, 100) == 4
 
 
 # ------------------------------------------------------------------ backbone weights

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pmvis.platform.train.recipes import PRETRAIN_SYNTH_SEED
+from pmvis.platform.train.recipes import PRESETS, PRETRAIN_SYNTH_SEED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="CFG.yaml", help="YAML file of TrainConfig knobs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one knob (dotted key, YAML value); repeatable")
-    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper",
-                        help="base values: the paper's R50 model (default) or the tiny CPU preset")
+    parser.add_argument("--preset", choices=PRESETS, default="paper",
+                        help="base values: paper (TrainConfig's defaults, R50), tiny (the CPU preset), or VNext "
+                             "IDOL's schedule for ytvis19 / ytvis21 / ovis / coco (pretraining; coco_<dataset>: "
+                             "mapped to that dataset's classes), pmvis/platform/train/presets/")
     parser.add_argument("--export", type=Path, metavar="FILE",
                         help="also write the final weights here as a compact float16 checkpoint")
     parser.add_argument("--address", default="auto", metavar="auto|local|ADDR",

@@ -53,9 +53,17 @@ def resolve_category_ids(state: dict | None, dataset: YTVISDataset, num_classes:
     return check_category_ids(ids, dataset, num_classes, where=str(where))
 
 
-def tracks_to_results(tracks: Sequence[Track], video_id: int, length: int, category_ids: Sequence[int]) -> list[Result]:
-    return [Result(video_id=video_id, category_id=int(category_ids[tr.label]), score=tr.score,
-                   segmentations=tr.segmentations(length)) for tr in tracks]
+def tracks_to_results(tracks: Sequence[Track], video_id: int, length: int, category_ids: Sequence[int],
+                      cfg: InferenceConfig | None = None) -> list[Result]:
+    """The results of a video's tracks: one per (track, class) of :meth:`Track.class_results`
+    (IDOL's multi-class output by default), sharing the track's masks."""
+    cfg = cfg or InferenceConfig()
+    out = []
+    for tr in tracks:
+        segmentations = tr.segmentations(length)
+        out.extend(Result(video_id=video_id, category_id=int(category_ids[label]), score=score,
+                          segmentations=segmentations) for label, score in tr.class_results(cfg))
+    return out
 
 
 def predict_dataset(
@@ -67,7 +75,7 @@ def predict_dataset(
     video_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[Result]:
-    """YTVIS results (one per track) for ``video_ids`` (default: every video) of ``dataset``.
+    """YTVIS results (per track: one per class, :func:`tracks_to_results`) for ``video_ids`` (default: every video) of ``dataset``.
 
     ``category_ids`` maps class index → category id (training stores it in the checkpoint,
     ``state["extra"]["category_ids"]``; see :func:`resolve_category_ids`); None: the dataset's
@@ -87,5 +95,5 @@ def predict_dataset(
     for vid in tqdm(vids, desc="predict", unit="video", disable=not progress):
         video = dataset.videos[vid]
         tracks = predict_video(model, dataset.read_video(vid), cfg)
-        results.extend(tracks_to_results(tracks, vid, video.length, category_ids))
+        results.extend(tracks_to_results(tracks, vid, video.length, category_ids, cfg))
     return results

@@ -11,12 +11,15 @@ from typing import Any, Iterable
 import torch
 
 
-def memory_embedding(embeddings: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Score- and time-weighted average of a track's last n embeddings ``(n, E)`` (oldest first):
-    weight_k = score_k · (k + 1) / n."""
+def memory_embedding(embeddings: torch.Tensor, scores: torch.Tensor, temporal: str = "add") -> torch.Tensor:
+    """Weighted average of a track's last n embeddings ``(n, E)`` (oldest first) with per-entry
+    detection scores s_k and temporal weights τ_k = (k + 1) / n (oldest 1/n … newest 1): IDOL's
+    ``long_match`` memory, weight_k = s_k + τ_k (``temporal="add"``, VNext ``tracker.py``); pmvis's
+    first rule was weight_k = s_k · τ_k (``"multiply"``)."""
     n = embeddings.shape[0]
     time_w = torch.arange(1, n + 1, dtype=embeddings.dtype, device=embeddings.device) / n
-    w = scores.to(embeddings) * time_w
+    s = scores.to(embeddings)
+    w = s + time_w if temporal == "add" else s * time_w
     return (w[:, None] * embeddings).sum(0) / w.sum().clamp(min=1e-12)
 
 
@@ -27,6 +30,31 @@ def bisoftmax(det_embeddings: torch.Tensor, track_embeddings: torch.Tensor) -> t
     if sim.numel() == 0:
         return sim
     return 0.5 * (sim.softmax(dim=1) + sim.softmax(dim=0))
+
+
+def associate_in_order(scores: torch.Tensor, threshold: float, exist_frames: torch.Tensor | None = None,
+                       ) -> list[tuple[int, int]]:
+    """IDOL's matching (VNext ``IDOL_Tracker.match``): detections in their order (descending score)
+    each take their best remaining track if its score exceeds ``threshold``; a taken track's column is
+    zeroed. Frame weighting (``exist_frames``, each track's number of matched frames, None: off):
+    when more than one track scores above ``threshold`` for a detection, candidate tracks' scores are
+    multiplied by their frame counts and the others' by the candidates' mean count before the argmax
+    and the threshold test — an established track wins over a young look-alike."""
+    s = scores.detach().float().cpu().clone()
+    pairs: list[tuple[int, int]] = []
+    if s.numel() == 0:
+        return pairs
+    frames = None if exist_frames is None else exist_frames.detach().float().cpu()
+    for i in range(s.shape[0]):
+        row = s[i]
+        candidates = row > threshold
+        if frames is not None and int(candidates.sum()) > 1:
+            row = torch.where(candidates, row * frames, row * frames[candidates].mean())
+        value, j = row.max(0)
+        if float(value) > threshold:
+            pairs.append((i, int(j)))
+            s[:, int(j)] = 0.0
+    return pairs
 
 
 def associate(scores: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
@@ -53,14 +81,17 @@ class _Memory:
     embeddings: list[torch.Tensor]
     scores: list[float]
     missed: int = 0
+    frames: int = 0  # frames matched (or created) so far: IDOL's exist_frame
 
 
 class MemoryBank:
-    """The live tracks' recent embeddings; tracks leave after ``max_missed`` + 1 consecutive misses."""
+    """The live tracks' recent embeddings; a track leaves after ``max_missed`` consecutive misses
+    (IDOL: a tracklet unmatched for ``memo_tracklet_frames`` = 10 frames is removed)."""
 
-    def __init__(self, memory_length: int = 3, max_missed: int = 10) -> None:
+    def __init__(self, memory_length: int = 3, max_missed: int = 10, temporal: str = "add") -> None:
         self.memory_length = memory_length
         self.max_missed = max_missed
+        self.temporal = temporal
         self.entries: dict[int, _Memory] = {}
 
     def __len__(self) -> int:
@@ -74,8 +105,12 @@ class MemoryBank:
         """``(K, E)`` memory embeddings in :attr:`track_ids` order (None when empty)."""
         if not self.entries:
             return None
-        return torch.stack([memory_embedding(torch.stack(m.embeddings), torch.tensor(m.scores))
+        return torch.stack([memory_embedding(torch.stack(m.embeddings), torch.tensor(m.scores), self.temporal)
                             for m in self.entries.values()])
+
+    def exist_frames(self) -> torch.Tensor:
+        """``(K,)`` matched-frame counts in :attr:`track_ids` order."""
+        return torch.tensor([float(m.frames) for m in self.entries.values()])
 
     def add(self, track_id: int, embedding: torch.Tensor, score: float) -> None:
         """Record a detection of ``track_id`` (a new track or a match): resets its miss count."""
@@ -83,6 +118,7 @@ class MemoryBank:
         m.embeddings = (m.embeddings + [embedding.detach().float()])[-self.memory_length:]
         m.scores = (m.scores + [float(score)])[-self.memory_length:]
         m.missed = 0
+        m.frames += 1
 
     def miss(self, track_ids: Iterable[int]) -> list[int]:
         """Count a miss for each of ``track_ids``; returns the ids dropped from the bank."""
@@ -90,7 +126,7 @@ class MemoryBank:
         for tid in track_ids:
             m = self.entries[tid]
             m.missed += 1
-            if m.missed > self.max_missed:
+            if m.missed >= self.max_missed:
                 del self.entries[tid]
                 dropped.append(tid)
         return dropped
@@ -101,9 +137,10 @@ class MemoryBankTracker:
 
     def __init__(self, cfg: Any) -> None:
         """``cfg``: an :class:`~pmvis.models.vis.inference.InferenceConfig` (``memory_length``,
-        ``max_missed``, ``match_threshold``, ``new_track_score``)."""
+        ``max_missed``, ``temporal_weighting``, ``association``, ``frame_weighting``,
+        ``match_threshold``, ``new_track_score``)."""
         self.cfg = cfg
-        self.bank = MemoryBank(cfg.memory_length, cfg.max_missed)
+        self.bank = MemoryBank(cfg.memory_length, cfg.max_missed, cfg.temporal_weighting)
         self.next_id = 0
 
     def step(self, embeddings: torch.Tensor, scores: torch.Tensor) -> list[int | None]:
@@ -115,7 +152,13 @@ class MemoryBankTracker:
         matched_tracks: set[int] = set()
         memory = self.bank.embeddings()
         if memory is not None and n:
-            for i, j in associate(bisoftmax(embeddings, memory.to(embeddings.device)), self.cfg.match_threshold):
+            scores_ij = bisoftmax(embeddings, memory.to(embeddings.device))
+            if self.cfg.association == "idol":
+                frames = self.bank.exist_frames() if self.cfg.frame_weighting else None
+                pairs = associate_in_order(scores_ij, self.cfg.match_threshold, frames)
+            else:
+                pairs = associate(scores_ij, self.cfg.match_threshold)
+            for i, j in pairs:
                 ids[i] = track_ids[j]
                 matched_tracks.add(track_ids[j])
         for i in range(n):

@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 # Architecture knobs added after checkpoints were first written, with the value every older
 # checkpoint was trained with: left out of the fingerprint while at that value, so an older
 # checkpoint (the shipped tiny start included) still fits a config that does not set them.
-LATER_KNOBS: dict[str, Any] = {"rel_coords_scale": None}
+LATER_KNOBS: dict[str, Any] = {"rel_coords_scale": None, "mask_head": "fpn"}
 
 
 def config_fingerprint(cfg: ModelConfig) -> str:
@@ -98,7 +98,8 @@ def checkpoint_model_config(state: dict[str, Any]) -> ModelConfig:
         raise PmvisError(f"{where}: checkpoint record has no {' / '.join(missing)} (not written by pmvis, or edited)")
     if not isinstance(state["model_config"], dict):
         raise PmvisError(f"{where}: checkpoint model_config is not a mapping")
-    return build_config(ModelConfig, {**state["model_config"], "backbone_weights": None},
+    # a knob an older checkpoint does not record had its old value then, whatever today's default is
+    return build_config(ModelConfig, {**LATER_KNOBS, **state["model_config"], "backbone_weights": None},
                         source=f"{where}: model_config")
 
 
@@ -107,7 +108,7 @@ def check_compatible(state: dict[str, Any], model_cfg: ModelConfig) -> None:
     checkpoint_model_config(state)
     if state["fingerprint"] == config_fingerprint(model_cfg):
         return
-    theirs = state["model_config"]
+    theirs = {**LATER_KNOBS, **state["model_config"]}
     ours = model_cfg.model_dump(mode="json")
     diff = sorted(k for k in set(theirs) | set(ours) if k != "backbone_weights" and theirs.get(k) != ours.get(k))
     details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:8])

@@ -37,7 +37,14 @@ class ModelConfig(StrictConfig):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm_groups: int = 32  # GroupNorm groups of the input projections and the mask branch
     # --- CondInst dynamic mask head
-    mask_stride: Literal[2, 4] = 4  # mask features / logits at H/s × W/s (the stride-s backbone feature)
+    # "idol": IDOL's head (VNext MaskHeadSmallConv over the stride-8/16/32 encoder memory, no norm,
+    # mask_channels at stride 8, dynamic convs at stride 8 then ×2 to stride 4, relative coordinates
+    # in pixels (÷ rel_coords_scale, None = 1) from each decoder layer's input reference point):
+    # loads VNext IDOL checkpoints (`pmvis import-checkpoint --format idol`). "fpn": pmvis's first
+    # branch (stride-4 FPN over the memory + a backbone lateral, GroupNorm; offsets from the layer's
+    # predicted box centre), the tiny CPU model's.
+    mask_head: Literal["idol", "fpn"] = "idol"
+    mask_stride: Literal[2, 4] = 4  # mask logits at H/s × W/s (fpn: also its features, the stride-s backbone feature)
     mask_branch_channels: int = 128
     mask_branch_convs: int = 2
     mask_channels: int = 8  # mask feature channels fed to the dynamic convs (IDOL: hidden/32)
@@ -76,6 +83,13 @@ class ModelConfig(StrictConfig):
         if any(s <= self.mask_stride for s in strides) or list(strides) != sorted(set(strides)):
             raise ValueError(f"backbone_strides must be increasing and > mask_stride {self.mask_stride}, "
                              f"got {list(strides)}")
+        if self.mask_head == "idol":
+            if len(strides) != 3:
+                raise ValueError(f"mask_head 'idol' reads three memory levels (IDOL: strides 8, 16, 32), got "
+                                 f"backbone_strides {list(strides)}")
+            if strides[0] % self.mask_stride or self.hidden_dim % 4:
+                raise ValueError(f"mask_head 'idol' needs backbone_strides[0] a multiple of mask_stride "
+                                 f"{self.mask_stride} and hidden_dim a multiple of 4")
         if self.num_feature_levels < len(strides):
             raise ValueError(f"num_feature_levels {self.num_feature_levels} < number of backbone_strides "
                              f"{len(strides)}")
@@ -109,7 +123,7 @@ class ModelConfig(StrictConfig):
         far sooner than 10 queries with 2 (SimOTA gives each object several positive queries).
         """
         values: dict[str, Any] = dict(
-            backbone="regnetx_004", freeze_backbone_bn=False, backbone_strides=(8, 16), hidden_dim=32,
+            backbone="regnetx_004", freeze_backbone_bn=False, mask_head="fpn", backbone_strides=(8, 16), hidden_dim=32,
             num_queries=50, enc_layers=1, dec_layers=2, num_heads=2, num_points=4, num_feature_levels=2,
             ffn_dim=64, norm_groups=8, mask_branch_channels=16, mask_branch_convs=1, embed_dim=32,
         )
@@ -141,10 +155,13 @@ class LossConfig(StrictConfig):
     match_center_cost: float = 100.0
     match_outside_cost: float = 10000.0  # queries whose centre is in no GT box and no centre region
     match_topk: int = Field(10, ge=1)  # dynamic k = clamp(Σ top-k IoUs, min 1)
-    center_radius: float = Field(2.5, gt=0.0)  # centre region: GT centre ± radius × GT (w, h)
-    # --- BoxInst (docs/design.md §4.1)
-    projection_weight: float = 1.0
-    pairwise_weight: float = 1.0
+    # centre region: GT centre ± center_radius / center_stride (normalised; IDOL: 2.5 / 32)
+    center_radius: float = Field(2.5, gt=0.0)
+    center_stride: float = Field(32.0, gt=0.0)
+    # --- BoxInst (docs/design.md §4.1); the PM-VIS authors' IDOL-BoxInst weights both terms 2.0
+    # (AdelaiDet's BoxInst: 1.0 each)
+    projection_weight: float = 2.0
+    pairwise_weight: float = 2.0
     pairwise_size: int = 3
     pairwise_dilation: int = 2
     pairwise_threshold: float = 0.3
@@ -158,6 +175,11 @@ class LossConfig(StrictConfig):
     # True: weight each instance's pseudo-mask loss by its quality (pseudo_weights); False: weights
     # only switch it off (weight 0 = no pseudo mask for that instance).
     pseudo_quality_weighting: bool = False
+    # True: divide each instance's pseudo-mask focal and dice terms by its mask quality (the PM-VIS
+    # authors' final loss: ÷ the per-instance SAM IoU, then Σ / N), the quality floored at
+    # pseudo_quality_floor so a missing or zero quality cannot divide by zero
+    pseudo_divide_by_quality: bool = False
+    pseudo_quality_floor: float = Field(0.05, gt=0.0, le=1.0)
     # --- TK-Loss (MaskFreeVIS, docs/design.md §4.2)
     tk: bool = False
     tk_weight: float = 0.5  # 0.1 × 5 per frame pair; the TK-Loss is the sum over pairs
@@ -174,9 +196,10 @@ class LossConfig(StrictConfig):
     # --- contrastive tracking (IDOL): key frame t=0 vs reference frame t=1
     track_weight: float = 2.0
     track_aux_weight: float = 3.0
-    # negatives: reference queries ranked (by matching cost) outside the top min(track_neg_topk,
-    # ⌈Q / 3⌉) for the instance — IDOL's top-100 of 300 queries, scaled down for fewer queries
+    # negatives: the reference queries a dynamic-k assignment over the top track_neg_topk IoUs (IDOL:
+    # 100) does not give to the instance (models/vis/tracking_loss.py)
     track_neg_topk: int = Field(100, ge=1)
+    track_aux_negatives: int = Field(10, ge=1)  # aux cosine term: at most this many negatives per positive
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +220,9 @@ class LossConfig(StrictConfig):
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not 1 <= self.tk_k <= self.tk_window ** 2:
             raise ValueError(f"tk_k must be in 1..tk_window² = {self.tk_window ** 2}, got {self.tk_k}")
+        if self.pseudo_quality_weighting and self.pseudo_divide_by_quality:
+            raise ValueError("pseudo_quality_weighting (× quality) and pseudo_divide_by_quality (÷ quality) "
+                             "exclude each other")
         if self.bottom_pixels_removed < 0:
             raise ValueError(f"bottom_pixels_removed must be ≥ 0, got {self.bottom_pixels_removed}")
         return self

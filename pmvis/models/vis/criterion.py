@@ -11,8 +11,8 @@ Per decoder layer, each supervised image is matched on its own (dynamic-k, :mod:
   matched pairs M of the supervised images (≥ 1); ``l1``, ``giou``: Σ over pairs / M.
 * Mask terms on the matched pairs' mask logits (N, H/4, W/4), by ``mode``: ``boxinst``:
   ``proj`` (mean over pairs) + ``pairwise`` (warmed up); ``pmvis``: boxinst + ``pseudo_focal`` /
-  ``pseudo_dice`` over the pairs whose GT has a pseudo mask (weight > 0), optionally weighted by
-  the quality; ``full``: ``mask_focal`` / ``mask_dice`` against the GT masks. Focal/dice
+  ``pseudo_dice`` over the pairs whose GT has a pseudo mask (weight > 0), optionally × the
+  quality or ÷ it (the PM-VIS authors' ÷ SAM IoU; the weights come with the targets); ``full``: ``mask_focal`` / ``mask_dice`` against the GT masks. Focal/dice
   normalisation is :func:`pmvis.kernels.pseudo_mask_loss`'s.
 * ``tk`` (when enabled): per clip the matches are found once (:func:`tk_affinity`, no grad) and
   split by frame pair (:meth:`TKAffinity.pair_affinity`). IDOL's queries are per frame, so an
@@ -26,8 +26,9 @@ Per decoder layer, each supervised image is matched on its own (dynamic-k, :mod:
   TK-Loss of the clip's (N, T) logits. Averaged over the clips that have at least one such
   (instance, pair). Warmed up over ``tk_warmup_calls`` loss calls counted as MaskFreeVIS counts
   them, one per decoder layer and iteration (:meth:`VISCriterion.tk_warmup_call`).
-* ``track`` / ``track_aux``: last layer only, key frame t=0 vs reference frame t=1
-  (:mod:`.tracking_loss`); needs T ≥ 2, else not computed.
+* ``track`` / ``track_aux``: last layer only, key frame t=0 vs reference frame t=1, IDOL's sample
+  selection (:mod:`.tracking_loss`: one anchor per instance, dynamic-k negatives, ≤ 10 aux
+  negatives per positive); needs T ≥ 2, else not computed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from .config import LossConfig
 from .idol import MaskLogitsFn, VISOutput
 from .matcher import DynamicKMatcher, Match
 from .targets import FrameTargets
-from .tracking_loss import contrastive_pairs, negative_boundary, tracking_losses
+from .tracking_loss import contrastive_samples, tracking_losses
 
 
 class VISCriterion(nn.Module):
@@ -151,7 +152,7 @@ class VISCriterion(nn.Module):
                 terms[name + suffix] = value
                 total = total + self.weight(name, iteration, layer=lid, num_layers=layers) * value
         if track:
-            terms["track"], terms["track_aux"] = self._track(output, clips, matches[-1])
+            terms["track"], terms["track_aux"] = self._track(output, clips, matches[-1], iteration)
             total = total + self.weight("track", iteration) * terms["track"] \
                 + self.weight("track_aux", iteration) * terms["track_aux"]
         terms["loss"] = total
@@ -226,7 +227,8 @@ class VISCriterion(nn.Module):
             return zero, zero
         weights_t = torch.cat(weights)
         terms = pseudo_mask_loss(masks[torch.cat(rows)], torch.cat(targets),
-                                 weights=weights_t if cfg.pseudo_quality_weighting else None,
+                                 weights=weights_t if (cfg.pseudo_quality_weighting
+                                                       or cfg.pseudo_divide_by_quality) else None,
                                  focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
                                  focal_weight=1.0, dice_weight=1.0, return_terms=True)
         return terms["focal"], terms["dice"]
@@ -282,19 +284,24 @@ class VISCriterion(nn.Module):
             return output.mask_params[lid].sum() * 0.0
         return torch.stack(losses).mean()
 
-    def _track(self, output, clips, matches) -> tuple[torch.Tensor, torch.Tensor]:
+    def _track(self, output, clips, matches, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         frames = len(clips[0])
+        # the aux negatives are drawn at random (IDOL: random.sample): seeded by the iteration, so a
+        # step's loss is a function of its inputs (resume and re-evaluation give the same value)
+        generator = torch.Generator().manual_seed(max(int(iteration), 0))
         emb = output.embeddings
-        boundary = negative_boundary(output.num_queries, self.cfg.track_neg_topk)
-        anchors, positives, negatives = [], [], []
+        anchors, positives, negatives, aux_negatives = [], [], [], []
         for b, clip in enumerate(clips):
             key, ref = b * frames, b * frames + 1
-            for qk, pos, neg in contrastive_pairs(matches[key], matches[ref], clip[0].instance_ids,
-                                                  clip[1].instance_ids, boundary):
-                anchors.append(emb[key, qk])
-                positives.append(emb[ref, pos])
-                negatives.append(emb[ref, neg])
+            for sample in contrastive_samples(matches[key], matches[ref], clip[0].instance_ids, clip[1].instance_ids,
+                                              neg_topk=self.cfg.track_neg_topk,
+                                              aux_negatives_per_positive=self.cfg.track_aux_negatives,
+                                              generator=generator):
+                anchors.append(emb[key, sample.anchor])
+                positives.append(emb[ref, sample.positives])
+                negatives.append(emb[ref, sample.negatives])
+                aux_negatives.append(emb[ref, sample.aux_negatives])
         if not anchors:
             zero = emb.sum() * 0.0
             return zero, zero
-        return tracking_losses(torch.stack(anchors), positives, negatives)
+        return tracking_losses(torch.stack(anchors), positives, negatives, aux_negatives)

@@ -1,45 +1,50 @@
-"""Online VIS inference with IDOL's memory-bank tracker (docs/design.md §4.3).
+"""Online VIS inference as IDOL's (VNext ``idol.py`` + ``models/tracker.py``; docs/design.md §4.3).
 
 A video is fed through the model in chunks of ``chunk_size`` frames (one batch of images per
-chunk); the frames are then tracked one after the other:
+chunk); the frames are then tracked one after the other. Every IDOL choice is an
+:class:`InferenceConfig` knob with IDOL's value as the default (pmvis's first rule in brackets):
 
-1. **Select.** Last decoder layer; a query's score is its maximum sigmoid class probability;
-   queries with score > ``score_threshold`` are kept.
-2. **Box NMS** (``torchvision.ops.nms``, class-agnostic, IoU > ``box_nms_threshold`` suppressed),
-   then **mask NMS**: greedy by score on the binarised stride-4 masks (logit > 0, padding cropped),
-   a mask whose IoU with an already kept one is > ``mask_nms_threshold`` is suppressed. Mask IoU is
-   computed at stride 4 (the model's mask resolution), not at the frame size: same ranking, far
-   cheaper.
-3. **Associate** with the memory bank. Each live track's memory embedding is the score- and
-   time-weighted average of its last ``memory_length`` embeddings: weight of the k-th oldest of
-   n = score_k · (k + 1) / n. Bi-softmax similarity of detections (N, E) and tracks (K, E):
-   ``S = (softmax_tracks(D·Tᵀ) + softmax_detections(D·Tᵀ)) / 2`` (raw dot products, as the
-   contrastive loss is trained). Matching is greedy mutual-best: the highest remaining entry of S
-   is matched first and its row and column removed, until no entry exceeds
-   ``match_threshold`` — every match is the mutual best of the still unmatched pairs.
+1. **Select** (:func:`select_queries`). Last decoder layer; a query's score is its maximum sigmoid
+   class probability; queries with score > ``score_threshold`` are kept; if none is, the single
+   best query (``top1_fallback``) [nothing].
+2. **Box NMS** per argmax class (``class_aware_nms``: torchvision ``batched_nms``, IoU >
+   ``box_nms_threshold`` suppressed) [across classes], then **mask NMS**: greedy by score on the
+   binarised stride-4 masks (logit > 0, padding cropped), a mask whose IoU with an already kept one
+   is > ``mask_nms_threshold`` is suppressed.
+3. **Associate** with the memory bank (:mod:`.association`). A live track's memory embedding is
+   the weighted mean of its last ``memory_length`` embeddings, weight of the k-th oldest of n =
+   score_k + (k + 1)/n (``temporal_weighting: add``) [score_k · (k + 1)/n]. Bi-softmax similarity
+   of detections (N, E) and tracks (K, E): ``S = (softmax_tracks(D·Tᵀ) + softmax_detections(D·Tᵀ)) / 2``
+   (raw dot products). Detections in score order each take their best remaining track if S >
+   ``match_threshold`` (``association: idol``) [global mutual-best], with frame weighting
+   (``frame_weighting``): when several tracks pass the threshold, S × each track's matched-frame
+   count (the others × the candidates' mean count), so an established track beats a young one.
 4. **New tracks** from unmatched detections with score > ``new_track_score``; other unmatched
    detections are discarded.
-5. **Forget.** A track unmatched on a frame counts one miss (a match resets the count); after
-   ``max_missed`` + 1 consecutive misses it leaves the bank (it can still be matched on the frame
-   after its ``max_missed``-th miss). Its detections stay in the output.
+5. **Forget.** A track unmatched for ``max_missed`` consecutive frames leaves the bank (IDOL's
+   ``memo_tracklet_frames``). Its detections stay in the output, except that from frame index
+   ``short_track_start_frame`` on, a track missed on the current and the previous frame with fewer
+   than ``short_track_min_frames`` detections is deleted from the output (IDOL; 0: never).
 
-Output per track: per-frame masks at the ORIGINAL frame size (stride-4 logits bilinearly upsampled
-×4 to the padded canvas, padding cropped, bilinearly resized to the frame, logit > 0) as compressed
-RLE, per-frame boxes (the model's boxes, normalised by the unpadded input, as xyxy pixels of the
-original frame) and class probabilities. Its
-video-level class is the argmax of the mean per-frame class probabilities and its score that mean
-probability (docs/design.md: video score = mean per-frame class score).
+Output per track: per-frame masks at the ORIGINAL frame size (stride-4 logits upsampled ×4 aligned
+with the training targets' sampling, :func:`~.mask_head.upsample_aligned`, padding cropped,
+bilinearly resized to the frame, logit > 0 — IDOL upsamples bilinearly without the alignment and
+resizes with nearest) as compressed RLE, per-frame boxes (xyxy pixels of the original frame) and
+class probabilities. Results (:meth:`Track.class_results`): one per class whose mean per-frame
+probability over the track's frames is > ``class_threshold`` (``multi_class``, IDOL's
+MULTI_CLS_ON), scored by that mean [one per track: the argmax class and its mean].
 
 Inputs are resized so that the short side is ``test_short_side`` (``None``: native size, the tiny
-demo) with the long side capped at ``test_max_size``, ImageNet-normalised, and zero-padded to a
-multiple of ``size_divisibility``.
+demo) with the long side capped at ``test_max_size`` (bilinear, antialiased when shrinking, as in
+training: :func:`~.idol.resize_images`), ImageNet-normalised, and zero-padded to a multiple of
+``size_divisibility``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +58,8 @@ from pmvis.core.masks import Rle, encode_mask
 from pmvis.models.vis.association import MemoryBankTracker
 
 from .boxes import cxcywh_to_xyxy
-from .idol import normalize_images
+from .idol import normalize_images, resize_images
+from .mask_head import upsample_aligned
 
 
 class InferenceConfig(StrictConfig):
@@ -66,7 +72,23 @@ class InferenceConfig(StrictConfig):
     memory_length: int = Field(3, ge=1, description="embeddings per track kept in the memory bank")
     match_threshold: float = Field(0.5, ge=0.0, le=1.0, description="bi-softmax score a match must exceed")
     new_track_score: float = Field(0.2, ge=0.0, le=1.0, description="an unmatched detection starts a track above this")
-    max_missed: int = Field(10, ge=0, description="consecutive unmatched frames a track survives in the bank")
+    max_missed: int = Field(10, ge=1, description="consecutive unmatched frames after which a track leaves the bank")
+    # --- IDOL's choices (VNext projects/IDOL: idol.py, models/tracker.py); each False/other = pmvis's first rule
+    class_aware_nms: bool = Field(True, description="box NMS per argmax class (IDOL: batched_nms); false: across classes")
+    top1_fallback: bool = Field(True, description="keep the best query when none passes score_threshold (IDOL)")
+    temporal_weighting: Literal["add", "multiply"] = Field(
+        "add", description="memory weight = score + temporal weight (IDOL) or score × temporal weight")
+    association: Literal["idol", "mutual_best"] = Field(
+        "idol", description="detections in score order take their best track (IDOL), or global mutual-best")
+    frame_weighting: bool = Field(True, description="IDOL's frame weighting: scores × tracks' matched-frame "
+                                                    "counts when several tracks pass match_threshold")
+    multi_class: bool = Field(True, description="one result per class whose mean score > class_threshold "
+                                                "(IDOL's MULTI_CLS_ON); false: one result per track")
+    class_threshold: float = Field(0.05, ge=0.0, le=1.0, description="IDOL's APPLY_CLS_THRES")
+    short_track_min_frames: int = Field(3, ge=0, description="drop a track's output with fewer matched frames once "
+                                                             "its last two frames are missed (IDOL); 0: never")
+    short_track_start_frame: int = Field(9, ge=1, description="the short-track rule applies from this 0-based "
+                                                              "frame index (IDOL: i_frame > 8)")
     test_short_side: int | None = Field(480, ge=4, description="resize the short side to this; null: native size")
     test_max_size: int | None = Field(1333, ge=4, description="cap on the resized long side; null: no cap")
     size_divisibility: int = Field(32, ge=4, description="pad the input to a multiple of this (multiple of 4)")
@@ -117,6 +139,15 @@ class Track:
         """Video-level score: the mean per-frame probability of :attr:`label`."""
         return float(self.mean_class_scores.max())
 
+    def class_results(self, cfg: "InferenceConfig") -> list[tuple[int, float]]:
+        """(class index, score) of the results this track gives: with ``multi_class`` every class whose
+        mean per-frame probability is > ``class_threshold`` (IDOL's MULTI_CLS_ON, all sharing the
+        track's masks), else only (:attr:`label`, :attr:`score`)."""
+        if not cfg.multi_class:
+            return [(self.label, self.score)]
+        mean = self.mean_class_scores
+        return [(int(c), float(mean[c])) for c in np.flatnonzero(mean > cfg.class_threshold)]
+
     def segmentations(self, length: int) -> list[Rle | None]:
         return [self.detections[t].mask if t in self.detections else None for t in range(length)]
 
@@ -124,13 +155,18 @@ class Track:
 # ----------------------------------------------------------------------------- NMS
 
 
-def box_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices (descending score) of the boxes kept by class-agnostic NMS at IoU ``threshold``."""
+def box_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, threshold: float,
+            classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (descending score) of the boxes kept by NMS at IoU ``threshold``: among boxes of the
+    same class when ``classes`` is given (IDOL's ``batched_nms`` by argmax class), else across all."""
 
     if boxes_xyxy.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes_xyxy.device)
-    from torchvision.ops import nms  # here: torchvision takes seconds to import, training never needs it
+    # here: torchvision takes seconds to import, training never needs it
+    from torchvision.ops import batched_nms, nms
 
+    if classes is not None:
+        return batched_nms(boxes_xyxy.float(), scores.float(), classes, float(threshold))
     return nms(boxes_xyxy.float(), scores.float(), float(threshold))
 
 
@@ -184,27 +220,12 @@ def prepare_images(frames: np.ndarray, size: tuple[int, int], padded: tuple[int,
     """RGB uint8 ``(B, H, W, 3)`` → normalised, resized to ``size``, zero-padded to ``padded``:
     images ``(B, 3, Hp, Wp)`` and padding mask ``(B, Hp, Wp)`` (True on padding)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down).clamp(0, 255)
-    x = normalize_images(x)
+    x = normalize_images(resize_images(x, size))
     (h, w), (hp, wp) = size, padded
     images = F.pad(x, (0, wp - w, 0, hp - h))
     mask = torch.ones(x.shape[0], hp, wp, dtype=torch.bool, device=device)
     mask[:, :h, :w] = False
     return images, mask
-
-
-def upsample_aligned(logits: torch.Tensor, stride: int) -> torch.Tensor:
-    """``(N, 1, h, w)`` → ``(N, 1, h·s, w·s)`` with cell (i, j) at pixel (i·s + s//2, j·s + s//2):
-    the pixel its training target was sampled at (:func:`~pmvis.models.vis.targets.mask_targets`,
-    AdelaiDet's sampling). A plain ×s bilinear upsampling (``align_corners=False``) puts the cell half
-    a pixel up-left of that pixel; CondInst aligns the same way (``aligned_bilinear``)."""
-    h, w = logits.shape[-2:]
-    x = F.pad(logits, (0, 1, 0, 1), mode="replicate")  # the last cell's right/bottom neighbour
-    x = F.interpolate(x, size=(h * stride + 1, w * stride + 1), mode="bilinear", align_corners=True)
-    x = F.pad(x, (stride // 2, 0, stride // 2, 0), mode="replicate")  # cell (0, 0) → pixel (s//2, s//2)
-    return x[..., : h * stride, : w * stride]
 
 
 def masks_to_frame(logits: torch.Tensor, stride: int, size: tuple[int, int],
@@ -232,19 +253,32 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def select_queries(probs: torch.Tensor, boxes_xyxy: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Steps 1–2a for one image: class probabilities ``(Q, C)`` and boxes ``(Q, 4)`` → the kept
+    queries (descending score): score (max probability) > ``score_threshold``, then box NMS (per
+    argmax class with ``class_aware_nms``); none passing: the single best query (``top1_fallback``,
+    IDOL, no NMS) or nothing."""
+    scores, classes = probs.max(-1)
+    idx = torch.nonzero(scores > cfg.score_threshold).squeeze(1)
+    if idx.numel():
+        return idx[box_nms(boxes_xyxy[idx], scores[idx], cfg.box_nms_threshold,
+                           classes[idx] if cfg.class_aware_nms else None)]
+    if cfg.top1_fallback and scores.numel():
+        return scores.argmax().reshape(1)
+    return idx
+
+
 def _select_frame(model, output, b: int, cfg: InferenceConfig, valid_stride: tuple[int, int]):
     """Steps 1–2 for image ``b`` of a chunk: kept query indices (descending score), scores, probs,
     xyxy boxes in pixels of the resized input (the model's image-normalised boxes × the image's own
     size, not the padded canvas) and stride-4 mask logits of the kept queries."""
     layer = output.num_layers - 1
     probs = output.logits[layer, b].sigmoid()  # (Q, C)
-    scores, _ = probs.max(-1)
-    idx = torch.nonzero(scores > cfg.score_threshold).squeeze(1)
+    scores = probs.max(-1).values
     h, w = output.image_sizes[b].tolist()  # boxes are normalised by the image's own (unpadded) size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=probs.device)
     boxes = cxcywh_to_xyxy(output.boxes[layer, b].float()) * scale
-    if idx.numel():
-        idx = idx[box_nms(boxes[idx], scores[idx], cfg.box_nms_threshold)]
+    idx = select_queries(probs, boxes, cfg)
     logits = model.mask_logits(output, layer, b, idx) if idx.numel() else \
         output.mask_features.new_zeros(0, *output.mask_size)
     if idx.numel():
@@ -252,6 +286,17 @@ def _select_frame(model, output, b: int, cfg: InferenceConfig, valid_stride: tup
         keep = mask_nms(logits[:, :hv, :wv] > 0, scores[idx], cfg.mask_nms_threshold)
         idx, logits = idx[keep], logits[keep]
     return idx, scores[idx], probs[idx], boxes[idx], logits
+
+
+def drop_short_tracks(tracks: dict[int, Track], t: int, cfg: InferenceConfig) -> None:
+    """IDOL's short-track rule after frame ``t`` (from ``short_track_start_frame`` on): a track missed
+    on frames t and t − 1 with fewer than ``short_track_min_frames`` detections is removed from the
+    output. It stays in the memory bank; matched again, it restarts as a new output track."""
+    if not cfg.short_track_min_frames or t < cfg.short_track_start_frame:
+        return
+    for tid in [tid for tid, tr in tracks.items() if t not in tr.detections and t - 1 not in tr.detections
+                and len(tr.detections) < cfg.short_track_min_frames]:
+        del tracks[tid]
 
 
 def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConfig | None = None) -> list[Track]:
@@ -288,6 +333,7 @@ def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConf
                     ids = tracker.step(output.embeddings[b, idx], scores)
                     sel = [i for i, tid in enumerate(ids) if tid is not None]
                     if not sel:
+                        drop_short_tracks(tracks, t, cfg)
                         continue
                     sel_t = torch.tensor(sel, dtype=torch.long, device=logits.device)
                     masks = masks_to_frame(logits[sel_t], stride, size, (H, W)).cpu().numpy()
@@ -299,6 +345,7 @@ def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConf
                         track = tracks.setdefault(tid, Track(id=tid))
                         track.detections[t] = Detection(score=float(sel_scores[k]), class_scores=sel_probs[k],
                                                         box=frame_boxes[k], mask=encode_mask(masks[k]))
+                    drop_short_tracks(tracks, t, cfg)
     finally:
         model.train(was_training)
     return [tracks[tid] for tid in sorted(tracks)]

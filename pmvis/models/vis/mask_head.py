@@ -81,6 +81,7 @@ def dynamic_mask_logits(
     stride: int,
     image_sizes: torch.Tensor,
     coord_scale: float | None = None,
+    coords_first: bool = False,
 ) -> torch.Tensor:
     """Evaluate the dynamic convs of N selected queries → ``(N, h, w)`` mask logits.
 
@@ -89,7 +90,8 @@ def dynamic_mask_logits(
     ``(N,)`` the image of each query; ``image_sizes`` ``(N, 2)`` (h_img, w_img) of each query's
     image (its valid, unpadded size). Relative coordinate of a pixel: centre − pixel centre /
     (w_img, h_img); with ``coord_scale``: (centre·(w_img, h_img) − pixel centre) / coord_scale,
-    i.e. pixel offsets in units of ``coord_scale`` pixels (IDOL: 1).
+    i.e. pixel offsets in units of ``coord_scale`` pixels (IDOL: 1). ``coords_first``: the two
+    coordinate channels come before the mask features (IDOL's order; CondInst's is after).
     """
     n = params.shape[0]
     _, _, h, w = mask_features.shape
@@ -101,7 +103,7 @@ def dynamic_mask_logits(
             rel = centres.to(x.dtype)[:, :, None] - loc[None] / size_xy[:, :, None]
         else:
             rel = ((centres.to(x.dtype) * size_xy)[:, :, None] - loc[None]) / coord_scale
-        x = torch.cat((x, rel), 1)
+        x = torch.cat((rel, x) if coords_first else (x, rel), 1)
     layers = split_params(params, dims)
     for k, (weight, bias) in enumerate(layers):
         x = torch.baddbmm(bias[:, :, None], weight, x)
@@ -123,3 +125,52 @@ class Controller(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden)
+
+
+def upsample_aligned(logits: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(N, 1, h, w)`` → ``(N, 1, h·s, w·s)`` with cell (i, j) at pixel (i·s + s//2, j·s + s//2)
+    of the finer grid: CondInst's / IDOL's ``aligned_bilinear`` (pad right/bottom by one, bilinear
+    to (h·s + 1, w·s + 1) with ``align_corners=True``, pad left/top by s//2, crop). A plain ×s
+    bilinear upsampling (``align_corners=False``) would put the cell half a pixel up-left of it."""
+    if stride == 1:
+        return logits
+    h, w = logits.shape[-2:]
+    x = F.pad(logits, (0, 1, 0, 1), mode="replicate")  # the last cell's right/bottom neighbour
+    x = F.interpolate(x, size=(h * stride + 1, w * stride + 1), mode="bilinear", align_corners=True)
+    x = F.pad(x, (stride // 2, 0, stride // 2, 0), mode="replicate")  # cell (0, 0) → pixel (s//2, s//2)
+    return x[..., : h * stride, : w * stride]
+
+
+class IdolMaskHead(nn.Module):
+    """IDOL's mask-feature branch (VNext ``MaskHeadSmallConv`` with ``fpn_dims=None``), weight-compatible
+    with its checkpoints: plain 3×3 convs with bias and ReLU, no normalisation, over the encoder
+    memory of the stride-8/16/32 levels (the stride-64 level is unused):
+
+        f = relu(lay3(m32)); f = relu(lay4(m16 + up(f))); f = relu(dcn(m8 + up(f)))
+        features = relu(lay2(relu(lay1(f))))      # (B, mask_channels, H/8, W/8)
+
+    with ``up`` nearest upsampling to the finer map's size. (IDOL names the last fusion conv ``dcn``
+    though it is an ordinary conv.) The dynamic convs then run at stride 8 and their logits are
+    upsampled ×2 to stride 4 (:func:`upsample_aligned`)."""
+
+    def __init__(self, dim: int, mid_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.lay1 = nn.Conv2d(dim, mid_channels, 3, padding=1)
+        self.lay2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1)
+        self.lay3 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.lay4 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.dcn = nn.Conv2d(dim, dim, 3, padding=1)
+        for m in self.modules():  # IDOL: kaiming_uniform_(a=1), zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, memory_maps: list[torch.Tensor]) -> torch.Tensor:
+        """``memory_maps``: the encoder memory at strides 8, 16, 32 (fine → coarse)."""
+        if len(memory_maps) != 3:
+            raise ValueError(f"the IDOL mask head takes the stride-8/16/32 memory maps, got {len(memory_maps)}")
+        m8, m16, m32 = memory_maps
+        f = F.relu(self.lay3(m32))
+        f = F.relu(self.lay4(m16 + F.interpolate(f, size=m16.shape[-2:], mode="nearest")))
+        f = F.relu(self.dcn(m8 + F.interpolate(f, size=m8.shape[-2:], mode="nearest")))
+        return F.relu(self.lay2(F.relu(self.lay1(f))))

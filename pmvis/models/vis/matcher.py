@@ -4,8 +4,10 @@ cost(q, g) = class_cost·focal(q, label_g) + l1_cost·‖box_q − box_g‖₁ +
              + center_cost·[centre of q not in (box_g ∩ centre region_g)]
              + outside_cost·[centre of q in no GT box and no centre region]
 with the focal class cost α(1−p)^γ(−log p) − (1−α)p^γ(−log(1−p)) (p = sigmoid of the label's
-logit) and the centre region of g the square-ish window g_centre ± center_radius·(w_g, h_g)
-(IDOL's size-adaptive radius; with radius ≥ ½ it contains the box, so box ∩ region = box).
+logit) and the centre region of g the window g_centre ± center_radius / center_stride in each
+normalised coordinate (IDOL's ``get_in_boxes_info``: a fixed radius 2.5 / 32, the same for every
+GT, so for a GT wider than 2·2.5/32 of the image only queries near its centre are positives;
+pmvis before paper parity used ±2.5·(w_g, h_g), which always contains the box).
 
 Assignment: dynamic k_g = clamp(⌊Σ of the top-``topk`` IoUs of g over the queries⌋, 1, Q); g takes
 its k_g cheapest queries; a query taken by several GTs keeps the cheapest of them; a GT left
@@ -25,13 +27,14 @@ from .config import LossConfig
 
 @dataclass(eq=False)
 class Match:
-    """Matched pairs of one image (sorted by query), the cost matrix ``(Q, n)`` they came from, and
-    each GT's primary (cheapest matched) query, −1 for an unmatched GT."""
+    """Matched pairs of one image (sorted by query), the cost and box-IoU matrices ``(Q, n)`` they
+    came from, and each GT's primary (cheapest matched) query, −1 for an unmatched GT."""
 
     query_idx: torch.Tensor
     gt_idx: torch.Tensor
     cost: torch.Tensor
     primary: torch.Tensor
+    iou: torch.Tensor | None = None
 
 
 def _resolve_conflicts(matching: torch.Tensor, cost: torch.Tensor) -> None:
@@ -74,17 +77,19 @@ class DynamicKMatcher:
     """Callable: ``(logits (Q, C), boxes (Q, 4), labels (n,), gt_boxes (n, 4)) -> Match``."""
 
     def __init__(self, *, class_cost: float, l1_cost: float, giou_cost: float, center_cost: float,
-                 outside_cost: float, topk: int, center_radius: float, focal_alpha: float, focal_gamma: float) -> None:
+                 outside_cost: float, topk: int, center_radius: float, focal_alpha: float, focal_gamma: float,
+                 center_stride: float = 32.0) -> None:
         self.class_cost, self.l1_cost, self.giou_cost = class_cost, l1_cost, giou_cost
         self.center_cost, self.outside_cost = center_cost, outside_cost
-        self.topk, self.center_radius = topk, center_radius
+        self.topk, self.center_radius, self.center_stride = topk, center_radius, center_stride
         self.alpha, self.gamma = focal_alpha, focal_gamma
 
     @classmethod
     def from_config(cls, cfg: LossConfig) -> "DynamicKMatcher":
         return cls(class_cost=cfg.match_class_cost, l1_cost=cfg.match_l1_cost, giou_cost=cfg.match_giou_cost,
                    center_cost=cfg.match_center_cost, outside_cost=cfg.match_outside_cost, topk=cfg.match_topk,
-                   center_radius=cfg.center_radius, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+                   center_radius=cfg.center_radius, center_stride=cfg.center_stride, focal_alpha=cfg.focal_alpha,
+                   focal_gamma=cfg.focal_gamma)
 
     @torch.no_grad()
     def cost(self, logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
@@ -99,9 +104,8 @@ class DynamicKMatcher:
         giou = generalized_box_iou(pred_xyxy, gt_xyxy)
         cx, cy = boxes[:, 0:1], boxes[:, 1:2]
         in_box = ((cx > gt_xyxy[:, 0]) & (cx < gt_xyxy[:, 2]) & (cy > gt_xyxy[:, 1]) & (cy < gt_xyxy[:, 3]))
-        r = self.center_radius
-        in_centre = (((cx - gt_boxes[:, 0]).abs() < r * gt_boxes[:, 2])
-                     & ((cy - gt_boxes[:, 1]).abs() < r * gt_boxes[:, 3]))
+        r = self.center_radius / self.center_stride
+        in_centre = ((cx - gt_boxes[:, 0]).abs() < r) & ((cy - gt_boxes[:, 1]).abs() < r)
         foreground = (in_box | in_centre).any(1, keepdim=True)
         cost = (self.class_cost * (pos - neg) + self.giou_cost * -giou
                 + self.center_cost * (~(in_box & in_centre)).float() + self.outside_cost * (~foreground).float())
@@ -115,7 +119,8 @@ class DynamicKMatcher:
         n = labels.shape[0]
         if n == 0:
             empty = torch.zeros(0, dtype=torch.long, device=logits.device)
-            return Match(empty, empty, logits.new_zeros(logits.shape[0], 0), empty)
+            none = logits.new_zeros(logits.shape[0], 0)
+            return Match(empty, empty, none, empty, none)
         cost, iou = self.cost(logits, boxes, labels, gt_boxes)
         query_idx, gt_idx = dynamic_k_assign(cost, iou, self.topk)
         primary = torch.full((n,), -1, dtype=torch.long, device=logits.device)
@@ -124,4 +129,4 @@ class DynamicKMatcher:
             for g in gt_idx.unique().tolist():
                 sel = gt_idx == g
                 primary[g] = query_idx[sel][pair_cost[sel].argmin()]
-        return Match(query_idx, gt_idx, cost, primary)
+        return Match(query_idx, gt_idx, cost, primary, iou)

@@ -81,14 +81,17 @@ def _sample(full: torch.Tensor, stride: int) -> torch.Tensor:
     return full[..., start::stride, start::stride]
 
 
-def valid_masks(padding_mask: torch.Tensor, stride: int, bottom_pixels: int) -> torch.Tensor:
+def valid_masks(padding_mask: torch.Tensor, stride: int, bottom_pixels: int | torch.Tensor) -> torch.Tensor:
     """``padding_mask`` ``(B, H, W)`` True on padding → ``(B, H/s, W/s)`` bool valid pixels, with the
-    bottom ``bottom_pixels`` rows of each image's unpadded part also invalid (BoxInst)."""
+    bottom rows of each image's unpadded part also invalid (BoxInst's ``bottom_pixels_removed``):
+    ``bottom_pixels`` rows for every image, or ``(B,)`` rows per image (AdelaiDet scales the
+    configured count by each image's resize factor, :meth:`ClipBatch.targets`)."""
     valid = ~padding_mask.to(torch.bool)
-    if bottom_pixels > 0:
+    removed = torch.as_tensor(bottom_pixels, device=valid.device).long().expand(valid.shape[0])
+    if bool((removed > 0).any()):
         heights = valid.any(2).sum(1)  # unpadded rows per image
         rows = torch.arange(valid.shape[1], device=valid.device)
-        valid = valid & (rows[None, :] < (heights - bottom_pixels)[:, None])[:, :, None]
+        valid = valid & (rows[None, :] < (heights - removed)[:, None])[:, :, None]
     return _sample(valid, stride)
 
 
@@ -99,7 +102,7 @@ def mask_targets(masks: torch.Tensor, stride: int, sampling: str = "point") -> t
     share of the s×s window centred on that pixel's centre that the mask covers (in [0, 1]; the
     window's edge pixels count half) — a soft target that keeps where the boundary falls inside a
     cell, which a point sample loses. Both put cell (i, j) at the same place, so predictions are
-    upsampled the same way (:func:`~pmvis.models.vis.inference.upsample_aligned`). Measured on the
+    upsampled the same way (:func:`~pmvis.models.vis.mask_head.upsample_aligned`). Measured on the
     synthetic data (16–40 px objects, s = 4): the true masks through point targets and back have
     mean IoU 0.74 with themselves, through area targets 0.81 (benchmarks/README.md).
     """

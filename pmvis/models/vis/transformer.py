@@ -162,7 +162,10 @@ class DeformableTransformer(nn.Module):
 
     def decode(self, memory: torch.Tensor, shapes: Shapes, mask_flat: torch.Tensor, ratios: torch.Tensor):
         """Returns ``hidden (L, B, Q, C)``, ``logits (L, B, Q, K)``, ``boxes (L, B, Q, 4)`` (cxcywh,
-        normalised by each image's valid region). ``ratios``: the valid ratios ``(B, L, 2)``; as in
+        normalised by each image's valid region) and ``references (L, B, Q, 2)``: the (cx, cy) of
+        the reference each layer took as input (layer 0: the initial point, layer l > 0: the detached
+        box of layer l − 1; IDOL's ``init_reference`` / ``inter_references[l-1]``, the points its
+        mask head measures relative coordinates from). ``ratios``: the valid ratios ``(B, L, 2)``; as in
         Deformable DETR's decoder, a layer's reference (point or box) is multiplied by them
         (a box's (w, h) too) to sample each level's padded map."""
         b = memory.shape[0]
@@ -171,8 +174,9 @@ class DeformableTransformer(nn.Module):
         tgt = tgt[None].expand(b, -1, -1)
         reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
         ratios = ratios.to(memory.dtype)
-        hidden, logits, boxes = [], [], []
+        hidden, logits, boxes, references = [], [], [], []
         for lid, layer in enumerate(self.decoder):
+            references.append(reference[..., :2])
             scale = ratios if reference.shape[-1] == 2 else torch.cat((ratios, ratios), -1)
             ref_input = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             tgt = layer(tgt, query_pos, ref_input, memory, shapes, mask_flat)
@@ -185,4 +189,4 @@ class DeformableTransformer(nn.Module):
             logits.append(self.class_heads[lid](tgt))
             boxes.append(box)
             reference = box.detach()
-        return torch.stack(hidden), torch.stack(logits), torch.stack(boxes)
+        return torch.stack(hidden), torch.stack(logits), torch.stack(boxes), torch.stack(references)

@@ -9,10 +9,12 @@ reference frames follow in time order. Frames listed in any annotation's ``extra
 (written by `pmvis filter`'s Missing-Data ``drop``: the instance is there but unlabelled) are never
 sampled in that video, so an instance is never supervised as absent where it is in fact visible.
 
-Augmentation: the clip's frames share one scale (short side drawn uniformly from ``short_side``,
-long side capped at ``max_size``; ``None`` keeps the native size) and one horizontal flip (``flip_prob``);
-boxes and masks are transformed with the images. A batch is zero-padded bottom/right to a common
-size that is a multiple of ``size_divisibility``; ``padding_mask`` is True there.
+Augmentation, as IDOL's: with probability ``crop_prob`` each frame gets its own random crop
+(``crop``: absolute [lo, hi] pixels); the clip's frames share one short side (drawn uniformly from
+``short_side``, long side capped at ``max_size``; ``None`` keeps the native size), resized bilinear
+and antialiased like inference (``antialias``), and one horizontal flip (``flip_prob``); boxes and
+masks are transformed with the images. A batch is zero-padded bottom/right to a common size that
+is a multiple of ``size_divisibility``; ``padding_mask`` is True there.
 
 Determinism: the batch of iteration i on world rank r is a pure function of (seed, r, i): resuming at
 iteration i redraws exactly the batches an uninterrupted run would have drawn, and a background
@@ -38,6 +40,7 @@ from pmvis.models.vis import (
     lab_images,
     mask_targets,
     normalize_images,
+    resize_images,
     valid_masks,
     valid_sizes,
 )
@@ -99,6 +102,8 @@ class ClipBatch:
     frame_indices: list[list[int]]  # [b][t] frame numbers in the video
     flipped: list[bool]
     stride: int
+    # per image: resized height / original height (BoxInst's bottom_pixels_removed is scaled by it)
+    resize_scales: list[float] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -120,7 +125,10 @@ class ClipBatch:
         s = self.stride
         images = self.images.to(device, non_blocking=True)
         lab = lab_images(images, s)
-        valid = valid_masks(self.padding_mask.to(device, non_blocking=True), s, bottom_pixels)
+        scales = self.resize_scales or [1.0] * images.shape[0]
+        # AdelaiDet: int(bottom_pixels_removed · resized height / original height) rows per image
+        removed = torch.tensor([int(bottom_pixels * k) for k in scales], device=device)
+        valid = valid_masks(self.padding_mask.to(device, non_blocking=True), s, removed)
         sizes = valid_sizes(self.padding_mask).tolist()  # each frame's own (h, w): its boxes' unit
         out: list[list[Any]] = []
         t_frames = self.num_frames
@@ -151,6 +159,17 @@ class _Frame:
     gt: list[np.ndarray | None] | None
     pseudo: list[np.ndarray | None] | None
     pseudo_w: list[float] | None
+    resize_scale: float = 1.0  # resized height / original height
+
+
+def resize_frame(image: np.ndarray, size: tuple[int, int], *, antialias: bool = True) -> np.ndarray:
+    """An RGB uint8 ``(h, w, 3)`` frame resized to ``size`` (h, w) the way inference resizes
+    (:func:`~pmvis.models.vis.resize_images`: bilinear, antialiased when shrinking)."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = resize_images(x, size, antialias=antialias)
+    return x[0].round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def build_sampler(data: TrainingData, cfg: DataConfig, **kwargs: Any) -> "ClipSampler":
@@ -178,6 +197,8 @@ class ClipSampler:
         need_gt_masks: bool = False,
         need_pseudo: bool = False,
         pseudo_quality_weighting: bool = False,
+        pseudo_divide_by_quality: bool = False,
+        pseudo_quality_floor: float = 0.05,
         supervise_all_frames: bool = False,
     ) -> None:
         if batch_size < 1:
@@ -192,6 +213,8 @@ class ClipSampler:
         self.rank, self.world_size = rank, world_size
         self.need_gt_masks, self.need_pseudo = need_gt_masks, need_pseudo
         self.pseudo_quality_weighting = pseudo_quality_weighting
+        self.pseudo_divide_by_quality = pseudo_divide_by_quality
+        self.pseudo_quality_floor = pseudo_quality_floor
         self.label_of = {cid: i for i, cid in enumerate(data.category_ids)}
         by_video = data.dataset.annotations_by_video()
         usable = []
@@ -214,6 +237,19 @@ class ClipSampler:
     def video_ids(self) -> list[int]:
         return [v.video_id for v in self.videos]
 
+    def pseudo_weight(self, pseudo: Annotation, frame: int) -> float:
+        """The loss weight of ``pseudo``'s mask on ``frame``: 1; its quality (``pseudo_quality_weighting``);
+        or 1 / max(quality, floor) (``pseudo_divide_by_quality``, the PM-VIS authors' ÷ SAM IoU). The
+        quality is the frame's (``frame_quality`` of `pmvis fuse`) where recorded, else the track's."""
+        if not (self.pseudo_quality_weighting or self.pseudo_divide_by_quality):
+            return 1.0
+        per_frame = pseudo.extra.get("frame_quality")
+        q = per_frame[frame] if isinstance(per_frame, list) and frame < len(per_frame) else None
+        q = pseudo.extra.get("quality") if q is None else q
+        if self.pseudo_divide_by_quality:
+            return 1.0 / max(float(q or 0.0), self.pseudo_quality_floor)
+        return 1.0 if q is None else float(q)
+
     # -- sampling ------------------------------------------------------------------------------
 
     def rng(self, iteration: int) -> np.random.Generator:
@@ -231,16 +267,35 @@ class ClipSampler:
             refs = sorted(int(t) for t in rng.choice(pool, size=need, replace=len(pool) < need))
         return [key] + refs
 
-    def target_size(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
-        cfg = self.cfg
-        if cfg.short_side is None:
-            scale = 1.0
-        else:
-            short = int(rng.integers(cfg.short_side[0], cfg.short_side[1] + 1))
-            scale = short / min(height, width)
-        if cfg.max_size is not None and max(height, width) * scale > cfg.max_size:
-            scale = cfg.max_size / max(height, width)
+    def draw_short_side(self, rng: np.random.Generator) -> int | None:
+        """The clip's short side, uniform in ``short_side`` (None: native size)."""
+        lo_hi = self.cfg.short_side
+        return None if lo_hi is None else int(rng.integers(lo_hi[0], lo_hi[1] + 1))
+
+    def resized(self, height: int, width: int, short: int | None) -> tuple[int, int]:
+        """A ``height`` × ``width`` frame's size with its short side ``short``, long side capped."""
+        scale = 1.0 if short is None else short / min(height, width)
+        if self.cfg.max_size is not None and max(height, width) * scale > self.cfg.max_size:
+            scale = self.cfg.max_size / max(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def target_size(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+        return self.resized(height, width, self.draw_short_side(rng))
+
+    def draw_crops(self, height: int, width: int, count: int,
+                   rng: np.random.Generator) -> list[tuple[int, int, int, int]] | None:
+        """IDOL's random crop: with probability ``crop_prob`` every frame of the clip gets its own crop
+        (x0, y0, w, h) of the original frame, w and h uniform in ``crop`` (absolute pixels, detectron2's
+        ``RandomCrop("absolute_range")``, capped at the frame); None: no crop for this clip."""
+        if self.cfg.crop is None or not rng.random() < self.cfg.crop_prob:
+            return None
+        lo, hi = self.cfg.crop
+        crops = []
+        for _ in range(count):
+            ch = int(rng.integers(min(height, lo), min(height, hi) + 1))
+            cw = int(rng.integers(min(width, lo), min(width, hi) + 1))
+            crops.append((int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1)), cw, ch))
+        return crops
 
     def batch(self, iteration: int) -> ClipBatch:
         """The batch of ``iteration`` (a pure function of seed, rank and iteration)."""
@@ -250,10 +305,12 @@ class ClipSampler:
             video = self.videos[int(rng.integers(len(self.videos)))]
             frames = self.sample_frames(video, rng)
             v = self.data.dataset.videos[video.video_id]
-            size = self.target_size(v.height, v.width, rng)
+            short = self.draw_short_side(rng)
             flip = bool(rng.random() < self.cfg.flip_prob)
-            clips.append((video, frames, size, flip))
-        return self.collate([self.load_clip(video, frames, size, flip) for video, frames, size, flip in clips],
+            crops = self.draw_crops(v.height, v.width, len(frames), rng)
+            clips.append((video, frames, short, flip, crops))
+        return self.collate([self.load_clip(video, frames, short, flip, crops)
+                             for video, frames, short, flip, crops in clips],
                             [c[0].video_id for c in clips], [c[1] for c in clips], [c[3] for c in clips])
 
     # -- prefetching ---------------------------------------------------------------------------
@@ -282,25 +339,29 @@ class ClipSampler:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def load_clip(self, video: _VideoIndex, frames: list[int], size: tuple[int, int], flip: bool) -> list[_Frame]:
+    def load_clip(self, video: _VideoIndex, frames: list[int], short: int | None, flip: bool,
+                  crops: list[tuple[int, int, int, int]] | None = None) -> list[_Frame]:
+        """The clip's frames: cropped (``crops``: per frame (x0, y0, w, h) of the original, or None),
+        resized to the short side ``short`` (shared by the clip, as IDOL's ``choice_by_clip``) and
+        flipped; boxes are clipped to the crop, and an instance whose box leaves it is dropped."""
         ds = self.data.dataset
         v = ds.videos[video.video_id]
-        h, w = size
-        sx, sy = w / v.width, h / v.height
-
-        def transform_mask(rle: dict | None) -> np.ndarray | None:
-            if rle is None:
-                return None
-            m = decode_mask(rle).astype(np.uint8)
-            if (h, w) != m.shape:
-                m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-            return np.ascontiguousarray(m[:, ::-1]) if flip else m
-
         out = []
-        for t in frames:
-            image = ds.read_frame(video.video_id, t)
-            if (h, w) != image.shape[:2]:
-                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        for k, t in enumerate(frames):
+            x0c, y0c, cw, ch = crops[k] if crops is not None else (0, 0, v.width, v.height)
+            h, w = self.resized(ch, cw, short)
+            sx, sy = w / cw, h / ch
+
+            def transform_mask(rle: dict | None) -> np.ndarray | None:
+                if rle is None:
+                    return None
+                m = decode_mask(rle).astype(np.uint8)[y0c:y0c + ch, x0c:x0c + cw]
+                if (h, w) != m.shape:
+                    m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+                return np.ascontiguousarray(m[:, ::-1]) if flip else m
+
+            image = ds.read_frame(video.video_id, t)[y0c:y0c + ch, x0c:x0c + cw]
+            image = resize_frame(image, (h, w), antialias=self.cfg.antialias)
             if flip:
                 image = image[:, ::-1]
             labels, boxes, ids, gt, pseudo, pseudo_w = [], [], [], [], [], []
@@ -308,7 +369,8 @@ class ClipSampler:
                 box = a.bboxes[t]
                 if not _has_box(box):
                     continue
-                x0, y0, x1, y1 = box[0] * sx, box[1] * sy, (box[0] + box[2]) * sx, (box[1] + box[3]) * sy
+                x0, y0 = (box[0] - x0c) * sx, (box[1] - y0c) * sy
+                x1, y1 = (box[0] + box[2] - x0c) * sx, (box[1] + box[3] - y0c) * sy
                 if flip:
                     x0, x1 = w - x1, w - x0
                 x0, x1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
@@ -324,12 +386,11 @@ class ClipSampler:
                     p = self.data.pseudo.get(a.id) if self.data.pseudo is not None else None
                     rle = p.segmentations[t] if p is not None else None
                     pseudo.append(transform_mask(rle))
-                    q = p.extra.get("quality") if p is not None else None
-                    weight = float(q) if (self.pseudo_quality_weighting and q is not None) else 1.0
-                    pseudo_w.append(weight if rle is not None else 0.0)
+                    pseudo_w.append(self.pseudo_weight(p, t) if rle is not None else 0.0)
             out.append(_Frame(np.ascontiguousarray(image), labels, boxes, ids,
                               gt if self.need_gt_masks else None,
-                              pseudo if self.need_pseudo else None, pseudo_w if self.need_pseudo else None))
+                              pseudo if self.need_pseudo else None, pseudo_w if self.need_pseudo else None,
+                              resize_scale=h / ch))
         return out
 
     def collate(self, clips: list[list[_Frame]], video_ids: list[int], frame_indices: list[list[int]],
@@ -380,4 +441,5 @@ class ClipSampler:
                 i += 1
             labels.append(frames)
         return ClipBatch(images=images, padding_mask=padding, labels=labels, video_ids=video_ids,
-                         frame_indices=frame_indices, flipped=flipped, stride=s)
+                         frame_indices=frame_indices, flipped=flipped, stride=s,
+                         resize_scales=[f.resize_scale for c in clips for f in c])

@@ -118,7 +118,7 @@ class PseudoVideoSampler(ClipSampler):
                 if self.need_gt_masks:
                     gt.append(mask)
             out.append(_Frame(np.ascontiguousarray(frame_image), labels, boxes, ids,
-                              gt if self.need_gt_masks else None, None, None))
+                              gt if self.need_gt_masks else None, None, None, resize_scale=h / v.height))
         return out
 
 

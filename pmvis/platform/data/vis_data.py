@@ -9,6 +9,7 @@ file, optional evaluation file) and splits the videos into train / held-out (det
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,24 @@ class DataConfig(StrictConfig):
     max_size: int | None = Field(768, ge=32)  # cap on the long side after resizing (IDOL YTVIS: 768)
     size_divisibility: int = Field(32, ge=4)  # padded canvas multiple (a multiple of the mask stride)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # IDOL's random crop: with probability crop_prob each frame of a clip gets its own crop of the
+    # original frame, height and width uniform in [lo, hi] pixels (capped at the frame), before the
+    # resize; None: never crop (ytvis only; the pseudo videos of format coco have their own views)
+    crop: tuple[int, int] | None = (384, 600)
+    crop_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Antialias a downscaled frame (bilinear, as inference does and as PIL does in IDOL's detectron2
+    # resize); False: plain bilinear, pmvis's training resize before paper parity.
+    antialias: bool = True
     # How GT / pseudo masks become stride-s mask targets (pmvis.models.vis.targets.mask_targets):
     # "point" samples one pixel per cell (CondInst), "area" is the covered share of the cell's window
     # (soft, keeps sub-cell boundaries: what small objects at stride 4 need).
     mask_targets: Literal["point", "area"] = "point"
+    # Pretraining on another label set (IDOL-style COCO → YouTube-VIS/OVIS, the maps VITA and the PM-VIS
+    # authors use; presets coco_to_*.yaml): each annotation's category id → the target dataset's id,
+    # annotations of unmapped categories dropped; the model's classes are then target_categories
+    # (every id of the target dataset, sorted: class i = the i-th), not just the ids the map reaches.
+    category_map: dict[int, int] | None = None
+    target_categories: list[int] | None = None
     # Held-out videos for the end-of-training evaluation: an explicit list, else a fraction of the
     # training file's videos drawn with split_seed (at least one video when the fraction is > 0).
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -77,6 +92,14 @@ class DataConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if self.crop is not None and not 1 <= self.crop[0] <= self.crop[1]:
+            raise ValueError(f"crop must be [lo, hi] with 1 ≤ lo ≤ hi, got {list(self.crop)}")
+        if (self.category_map is None) != (self.target_categories is None):
+            raise ValueError("category_map and target_categories go together (the map and every target id)")
+        if self.category_map is not None:
+            unknown = sorted(set(self.category_map.values()) - set(self.target_categories))
+            if unknown or len(set(self.target_categories)) != len(self.target_categories):
+                raise ValueError(f"target_categories must be unique and hold every mapped id; missing {unknown}")
         if self.short_side is not None:
             lo, hi = self.short_side
             if not 1 <= lo <= hi:
@@ -151,6 +174,21 @@ def _check_pseudo(train: YTVISDataset, pseudo: YTVISDataset) -> dict[int, Annota
     return out
 
 
+def remap_categories(dataset: YTVISDataset, category_map: dict[int, int], targets: list[int]) -> YTVISDataset:
+    """``dataset`` with its annotations' categories mapped (unmapped ones dropped) and the target ids as
+    its categories; a map that reaches no annotation is a PmvisError (the wrong file or map)."""
+    unknown = sorted(set(category_map) - set(dataset.categories))
+    if unknown:
+        raise PmvisError(f"{dataset.path}: data.category_map names category ids {unknown} the file does not have")
+    anns = [dataclasses.replace(a, category_id=category_map[a.category_id]) for a in dataset.annotations
+            if a.category_id in category_map]
+    if not anns:
+        raise PmvisError(f"{dataset.path}: data.category_map keeps none of the {len(dataset.annotations)} annotations")
+    names = {t: ", ".join(dataset.categories[c] for c, v in category_map.items() if v == t) or f"category {t}"
+             for t in targets}
+    return dataclasses.replace(dataset, annotations=anns, categories=dict(sorted(names.items())))
+
+
 def load_training_data(cfg: DataConfig, *, num_classes: int | None = None, need_gt_masks: bool = False,
                        need_pseudo: bool = False, load_eval: bool = True) -> TrainingData:
     """Load and cross-check the files of ``cfg``; every problem is a PmvisError naming the file."""
@@ -163,6 +201,8 @@ def load_training_data(cfg: DataConfig, *, num_classes: int | None = None, need_
                                    resolve_data_path(cfg.data_dir, cfg.image_dir))
     else:
         dataset = load_dataset_dir(cfg.data_dir, cfg.annotations)
+    if cfg.category_map is not None:
+        dataset = remap_categories(dataset, cfg.category_map, cfg.target_categories)
     if not dataset.categories:
         raise PmvisError(f"{dataset.path}: no categories")
     category_ids = sorted(dataset.categories)

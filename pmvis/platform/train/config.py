@@ -19,6 +19,7 @@ from pmvis.core.config import StrictConfig, build_config, merge_values, parse_do
 from pmvis.core.errors import PmvisError
 from pmvis.models.vis.config import LossConfig, ModelConfig
 from pmvis.platform.data.vis_data import DataConfig
+from pmvis.platform.train.recipes import FILE_PRESETS, preset_values
 
 TINY_NUM_CLASSES = 5  # the synthetic dataset's categories (pmvis.platform.data.synthetic_scenes.CATEGORIES)
 
@@ -52,6 +53,9 @@ class TrainConfig(StrictConfig):
     batch_size: int = Field(4, ge=1)  # clips per worker; global batch = batch_size × num_workers (PM-VIS: 4)
     lr: float = Field(1e-4, gt=0)
     backbone_lr_mult: float = Field(0.1, ge=0)
+    # Backbone stages kept frozen (no gradient, fixed BatchNorm statistics), as detectron2's
+    # MODEL.BACKBONE.FREEZE_AT: 0 none, 1 the stem, 2 the stem and res2 (IDOL, VNext's default).
+    freeze_at: int = Field(2, ge=0)
     # Parameter-name prefix -> lr multiplier (e.g. {"mask_branch.": 10}): a group at lr × mult, ahead
     # of the backbone rule (the longest matching prefix wins). Fine-tuning a pretrained detector's mask
     # head faster than its detector; empty: every non-backbone parameter at lr.
@@ -109,13 +113,14 @@ class TrainConfig(StrictConfig):
     @classmethod
     def tiny(cls, data_dir: str | os.PathLike, **overrides: Any) -> "TrainConfig":
         """A CPU-sized run for tests and the demo: the tiny model on the synthetic data at its native
-        size (64–128 px), lr 1e-3 with a full-rate backbone (it trains from scratch), a few iterations.
+        size (64–128 px), lr 1e-3 with a full-rate, unfrozen backbone (it trains from scratch), a few
+        iterations.
         ``overrides`` are merged into the values (nested dicts key by key)."""
         values: dict[str, Any] = {
             "model": ModelConfig.tiny(num_classes=TINY_NUM_CLASSES).model_dump(mode="json"),
             "loss": {"pairwise_warmup_iters": 50, "tk_warmup_calls": 100},  # TK: 50 iterations × 2 layers
-            "data": {"data_dir": str(data_dir), "short_side": None, "max_size": None, "val_fraction": 0.34},
-            "iterations": 20, "batch_size": 2, "lr": 1e-3, "backbone_lr_mult": 1.0, "lr_steps": [15],
+            "data": {"data_dir": str(data_dir), "short_side": None, "max_size": None, "crop": None, "val_fraction": 0.34},
+            "iterations": 20, "batch_size": 2, "lr": 1e-3, "backbone_lr_mult": 1.0, "freeze_at": 0, "lr_steps": [15],
             "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 2,
             "inference": {"test_short_side": None, "test_max_size": None},
         }
@@ -125,12 +130,15 @@ class TrainConfig(StrictConfig):
 def train_config_from(config_path: str | os.PathLike | None, overrides: list[str], preset: str = "paper", *,
                       base: dict | None = None) -> TrainConfig:
     """The TrainConfig of a command: the preset's values (or ``base``, a command's own starting
-    values), then the --config file, then every --set."""
+    values; ``preset``: "paper" = TrainConfig's defaults, "tiny", or a file preset of
+    :mod:`~pmvis.platform.train.recipes`), then the --config file, then every --set."""
     source = "config" if config_path is None else str(config_path)
     values = {} if config_path is None else read_config_values(config_path)
     values = merge_values(values, parse_dotlist(overrides))
     if base is not None:
         values = merge_values(base, values)
+    elif preset in FILE_PRESETS:
+        values = merge_values(preset_values(preset), values)
     elif preset == "tiny":
         data_dir = (values.get("data") or {}).get("data_dir")
         if not data_dir:

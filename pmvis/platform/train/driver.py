@@ -232,8 +232,7 @@ def check_frame_files(dataset: Any, video_ids: list[int]) -> None:
 
 def check_backbone_weights(model_cfg: ModelConfig) -> None:
     """``model.backbone_weights`` loads into the configured backbone (the workers build it too)."""
-    Backbone(model_cfg.backbone, [model_cfg.mask_stride, *model_cfg.backbone_strides],
-             weights=model_cfg.backbone_weights, freeze_bn=False)
+    Backbone(model_cfg.backbone, list(model_cfg.backbone_strides), weights=model_cfg.backbone_weights, freeze_bn=False)
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResult:

@@ -100,9 +100,12 @@ class TrainingLoop:
             self.data, cfg.data, batch_size=cfg.batch_size, stride=cfg.model.mask_stride, seed=cfg.seed, rank=rank,
             world_size=world_size, need_gt_masks=need_gt, need_pseudo=need_pseudo,
             pseudo_quality_weighting=cfg.loss.pseudo_quality_weighting,
+            pseudo_divide_by_quality=cfg.loss.pseudo_divide_by_quality,
+            pseudo_quality_floor=cfg.loss.pseudo_quality_floor,
             supervise_all_frames=cfg.loss.loss_frames == "all")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.core = build_model(cfg.model).to(self.device)
+        self.core.backbone.freeze_stages(cfg.freeze_at)
         self.core.train()
         self.wrap = wrap
         self.model = self.core

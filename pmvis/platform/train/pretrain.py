@@ -27,10 +27,12 @@ from pmvis.platform.train.config import TrainConfig, train_config_from
 from pmvis.platform.train.driver import TrainResult, format_train_result, preflight, run_dir_of, run_lock, run_training
 from pmvis.platform.train.recipes import (
     DEMO_PRETRAIN_VIDEOS,
+    FILE_PRESETS,
     PRETRAIN_RUN_NAME,
     PRETRAIN_SYNTH_FRAMES,
     PRETRAIN_SYNTH_SEED,
     TINY_PRETRAIN,
+    preset_values,
 )
 
 
@@ -42,6 +44,8 @@ def pretrain_config(*, data_dir: Path, annotations: str, images: str, out: Path,
                             "experiment": "pmvis-pretrain", "tracking_uri": default_tracking_uri(out / "mlflow")}
     if preset == "tiny":
         base = merge_values(TrainConfig.tiny(data_dir).model_dump(mode="json"), merge_values(base, TINY_PRETRAIN))
+    elif preset in FILE_PRESETS:
+        base = merge_values(preset_values(preset), base)
     base = merge_values(base, {"data": {"data_dir": str(data_dir), "format": "coco", "annotations": annotations,
                                         "image_dir": images}})
     return train_config_from(config_path, list(overrides or []), "none", base=base)

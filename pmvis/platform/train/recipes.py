@@ -3,7 +3,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from pmvis.core.config import merge_values
+from pmvis.core.errors import PmvisError
+
+PRESET_DIR = Path(__file__).with_name("presets")
+# `--preset` values: "paper" (TrainConfig's defaults), "tiny" (the CPU preset), and the files of
+# presets/: VNext IDOL's schedules per dataset (ytvis19, ytvis21, ovis) and its COCO pretraining (coco,
+# and coco_<dataset> with the COCO → dataset category map)
+FILE_PRESETS = ("ytvis19", "ytvis21", "ovis", "coco", "coco_ytvis19", "coco_ytvis21", "coco_ovis")
+PRESETS = ("paper", "tiny", *FILE_PRESETS)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The TrainConfig values of a file preset (its ``inherit:`` preset's first, then its own)."""
+    if name not in FILE_PRESETS:
+        raise PmvisError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    parent = values.pop("inherit", None)
+    return merge_values(preset_values(parent), values) if parent else values
 
 # Synthetic stills come from a seed range the demo and benchmarks never use for their own data.
 PRETRAIN_SYNTH_SEED = 1000
