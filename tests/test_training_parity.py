@@ -163,3 +163,60 @@ def test_pseudo_loss_divided_by_quality(synth_dir):
     assert sampler.pseudo_weight(ann, 0) == pytest.approx(1 / 0.05)  # floored, never ÷ 0
     with pytest.raises(ValueError, match="exclude each other"):
         LossConfig(pseudo_quality_weighting=True, pseudo_divide_by_quality=True)
+
+
+def test_init_from_another_class_count_keeps_all_but_the_class_heads(synth_dir, tmp_path):
+    from pmvis.models.vis import build_model
+    from pmvis.models.vis.checkpoint import read_checkpoint, save_checkpoint
+    from pmvis.models.vis.config import ModelConfig
+    from pmvis.platform.train.config import TrainConfig
+    from pmvis.platform.train.loop import TrainingLoop
+
+    torch.manual_seed(1)
+    coco_cfg = ModelConfig.tiny(num_classes=80)  # a COCO pretraining
+    coco = build_model(coco_cfg)
+    path = save_checkpoint(tmp_path / "coco.pt", coco, coco_cfg)
+    loop = TrainingLoop(TrainConfig.tiny(synth_dir, iterations=2))  # 5 synthetic classes
+    fresh = loop.core.transformer.class_heads[0].weight.detach().clone()
+    loop.init_weights(read_checkpoint(path))
+    assert torch.equal(loop.core.transformer.box_heads[1].layers[0].weight, coco.transformer.box_heads[1].layers[0].weight)
+    assert torch.equal(loop.core.transformer.class_heads[0].weight, fresh)  # 5 rows, freshly initialised
+    other = ModelConfig.tiny(num_classes=80, hidden_dim=64)
+    save_checkpoint(tmp_path / "other.pt", build_model(other), other)
+    from pmvis.core.errors import PmvisError
+
+    with pytest.raises(PmvisError, match="hidden_dim"):
+        loop.init_weights(read_checkpoint(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("preset", ["ytvis19", "ytvis21", "ovis", "coco", "coco_ytvis19", "coco_ytvis21", "coco_ovis"])
+def test_paper_presets_build_and_hold_idols_schedules(preset):
+    from pmvis.platform.train.config import train_config_from
+
+    cfg = train_config_from(None, ["data.data_dir=/data", "data.pseudo_annotations=fused.json"]
+                            if not preset.startswith("coco") else ["data.data_dir=/data"], preset)
+    assert cfg.model.mask_head == "idol" and cfg.freeze_at == 2
+    assert cfg.batch_size * cfg.num_workers == {"ovis": 16}.get(preset, 32)  # VNext IMS_PER_BATCH
+    if preset.startswith("coco"):
+        assert (cfg.iterations, cfg.lr, cfg.lr_steps, cfg.data.format) == (59200, 2e-4, [22200, 44400], "coco")
+        if preset != "coco":
+            assert cfg.model.num_classes == len(cfg.data.target_categories)
+            assert set(cfg.data.category_map.values()) <= set(cfg.data.target_categories)
+    else:
+        assert (cfg.iterations, cfg.lr_steps, cfg.loss.mode) == (12000, [8000], "pmvis")
+        assert cfg.model.num_classes == (25 if preset == "ovis" else 40)
+
+
+def test_category_map_remaps_and_drops(synth_dir):
+    from pmvis.core.errors import PmvisError
+    from pmvis.platform.data.vis_data import remap_categories
+    from pmvis.platform.data.ytvis_io import load_dataset_dir
+
+    ds = load_dataset_dir(synth_dir)
+    first = sorted(ds.categories)[0]
+    out = remap_categories(ds, {first: 7}, [5, 6, 7])
+    assert sorted(out.categories) == [5, 6, 7] and out.categories[7] == ds.categories[first]
+    assert {a.category_id for a in out.annotations} == {7}
+    assert len(out.annotations) == sum(a.category_id == first for a in ds.annotations)
+    with pytest.raises(PmvisError, match="does not have"):
+        remap_categories(ds, {999: 1}, [1])

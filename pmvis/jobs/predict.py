@@ -1,9 +1,11 @@
 """Run a trained VIS checkpoint on a dataset's videos and write YouTube-VIS results.
 
-Online inference (docs/design.md §4.3): chunks of 10 frames through the model, score > 0.1, box NMS
-0.9 then mask NMS 0.5, memory-bank tracking (bi-softmax association > 0.5, new track above 0.2,
-drop after 10 missed frames). One result per track: per-frame RLE masks at the original frame
-size, category from the checkpoint's recorded category_ids, score = mean per-frame class score.
+Online inference as IDOL's (docs/design.md §4.3): chunks of 10 frames through the model, score >
+0.1 (else the best query), class-aware box NMS 0.9 then mask NMS 0.5, memory-bank tracking
+(bi-softmax association > 0.5 with IDOL's temporal and frame weighting, new track above 0.2, drop
+after 10 missed frames, short tracks dropped). One result per track and class whose mean
+per-frame score is > 0.05: per-frame RLE masks at the original frame size, category from the
+checkpoint's recorded category_ids, score = that mean.
 Knobs (InferenceConfig in pmvis/models/vis/inference.py) come from the defaults, then
 --config INFER.yaml, then --set KEY=VALUE (value parsed as YAML, e.g. --set test_short_side=null).
 RESULTS.json is written atomically; --evaluate also prints the AP table when the annotation file

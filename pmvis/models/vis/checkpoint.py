@@ -115,6 +115,24 @@ def check_compatible(state: dict[str, Any], model_cfg: ModelConfig) -> None:
     raise PmvisError(f"{state['path']}: checkpoint was trained with a different model config ({details})")
 
 
+CLASS_HEAD_PREFIX = "transformer.class_heads."
+
+
+def initial_weights(state: dict[str, Any], model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of checkpoint ``state`` to start a ``model_cfg`` training from: all of them when the
+    architectures match; when only ``num_classes`` differs (a COCO pretraining, 80 classes, starting a
+    40-class YouTube-VIS run) all but the class heads, which keep their fresh initialisation — what
+    detectron2's checkpointer does for IDOL when it skips the shape-mismatched ``class_embed``.
+    Returns (weights, names left out); any other difference is check_compatible's PmvisError."""
+    theirs = checkpoint_model_config(state)
+    if theirs.num_classes == model_cfg.num_classes:
+        check_compatible(state, model_cfg)
+        return state["model"], []
+    check_compatible(state, model_cfg.model_copy(update={"num_classes": theirs.num_classes}))
+    skipped = [k for k in state["model"] if k.startswith(CLASS_HEAD_PREFIX)]
+    return {k: v for k, v in state["model"].items() if not k.startswith(CLASS_HEAD_PREFIX)}, skipped
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the checkpoint's architecture and load its weights; returns (model in eval mode, cfg, state)."""
 

@@ -49,7 +49,7 @@ from pmvis.core.errors import PmvisError
 from pmvis.core.io import write_json_atomic, write_text_atomic
 from pmvis.core.tables import format_table
 from pmvis.models.vis.backbone import Backbone
-from pmvis.models.vis.checkpoint import check_compatible, read_checkpoint
+from pmvis.models.vis.checkpoint import check_compatible, initial_weights, read_checkpoint
 from pmvis.models.vis.config import ModelConfig
 from pmvis.platform.data.clips import build_sampler
 from pmvis.platform.data.vis_data import load_training_data
@@ -216,7 +216,7 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
         check_compatible({**resume_meta, "path": latest}, cfg.model)
         check_compatible(read_checkpoint(latest), cfg.model)  # the weights file itself, as the workers load it
     elif cfg.init_from:
-        check_compatible(read_checkpoint(cfg.init_from), cfg.model)
+        initial_weights(read_checkpoint(cfg.init_from), cfg.model)
     return cfg, resume_meta
 
 
