@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from pmvis.platform.pseudo.refine import refine
     from pmvis.platform.pseudo.store import RAW_DIRNAME
     from pmvis.platform.report import ReportConfig, build_report, format_report
-    from pmvis.platform.train.config import TrainConfig
+    from pmvis.platform.train.config import TINY_INFERENCE, TrainConfig
 
     t0 = time.perf_counter()
     out = args.out.resolve()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(pseudo_masks_dir, ignore_errors=True)
     options = {"track": dict(TRACK_OPTIONS), "grabcut": {},
                "boxinst": {"checkpoint": str(Path(results["box-only"].checkpoint) / CHECKPOINT_FILENAME),
-                           "inference": {"test_short_side": None, "test_max_size": None}, "actors": cpus}}
+                           "inference": dict(TINY_INFERENCE), "actors": cpus}}
     options["track"]["actors"] = cpus
     generate_pseudo_masks(data_dir, pseudo_masks_dir, build_config(
         PseudoMaskConfig, {"sources": ["grabcut", "track", "boxinst"], "source_options": options}, source="benchmark"))

@@ -1,20 +1,25 @@
-"""CondInst dynamic mask head (as in IDOL): a shared mask branch + per-query dynamic 1×1 convs.
+"""CondInst dynamic mask heads: a shared mask-feature branch + per-query dynamic 1×1 convs.
 
-* Mask branch (stride 4): the encoder memory of the backbone levels (strides 8, 16, 32, …) is
-  fused top-down FPN-style into the finest of them, upsampled (bilinear) to stride 4 and added to a
-  1×1 lateral of the backbone's stride-4 feature; 3×3 conv + GN + ReLU tower; 1×1 conv to
-  ``mask_channels`` (no activation).
-* Controller: an MLP on a query's decoder output → the weights and biases of the dynamic convs.
-* Dynamic convs: per selected query, [mask features ‖ relative coordinates] → 1×1 convs with ReLU
-  between them → 1 logit per pixel at stride 4. Only the selected queries are evaluated (training:
-  the matched ones; inference: the kept ones), so memory is O(N·H/4·W/4), not O(Q·H/4·W/4).
-* Relative coordinates: (query box centre − pixel centre) in the image's own normalised
-  coordinates. IDOL turns the image-normalised reference into pixels with the image's own
-  (unpadded) size ``image_sizes[i]`` and subtracts the pixel locations; we divide that pixel
-  offset by the same size (w_img, h_img), never by the padded canvas, so the mask head of an image
-  does not depend on the canvas. (CondInst divides pixel offsets by a per-level size of interest
-  instead.) The box centre is the one the same decoder layer predicts, detached. Pixel (i, j) of
-  the stride-s map has its centre at (j·s + s//2, i·s + s//2) pixels (CondInst's locations).
+Two branches (``model.mask_head``):
+
+* ``idol`` (:class:`IdolMaskHead`, weight-compatible with VNext IDOL's ``MaskHeadSmallConv``):
+  plain 3×3 convs over the stride-8/16/32 encoder memory, no normalisation, ``mask_channels``
+  features at stride 8; the dynamic convs run at stride 8 on [relative coordinates ‖ features]
+  and their logits are upsampled ×2 to stride 4 (:func:`upsample_aligned`, IDOL's
+  ``aligned_bilinear``). Relative coordinates, as IDOL: the reference point the decoder layer
+  took as input (layer 0: the initial point; layer l: the detached box of layer l − 1), times the
+  image's own (unpadded) size, minus the pixel centre — raw pixel offsets (÷ ``rel_coords_scale``).
+* ``fpn`` (:class:`MaskBranch`, pmvis's first branch): the encoder memory fused top-down
+  FPN-style into the finest level, upsampled (bilinear) to stride 4 and added to a 1×1 lateral of
+  the backbone's stride-4 feature; 3×3 conv + GN + ReLU tower; 1×1 conv to ``mask_channels``. The
+  dynamic convs run at stride 4 on [features ‖ relative coordinates]; the coordinates are (the
+  centre of the box the same decoder layer predicts, detached) − pixel centre / (w_img, h_img), or
+  pixel offsets ÷ ``rel_coords_scale`` when set (CondInst divides by a per-level size of interest).
+
+Controller: an MLP on a query's decoder output → the weights, then the biases, of the dynamic
+convs. Only the selected queries are evaluated (training: the matched ones; inference: the kept
+ones), so memory is O(N·h·w), not O(Q·h·w). Pixel (i, j) of a stride-s map has its centre at
+(j·s + s//2, i·s + s//2) pixels (CondInst's locations).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from pmvis.platform.pseudo.plan import PseudoMaskConfig
 from pmvis.platform.pseudo.refine import refine
 from pmvis.platform.pseudo.store import RAW_DIRNAME
 from pmvis.platform.report import ReportConfig, build_report, format_report
-from pmvis.platform.train.config import TrainConfig
+from pmvis.platform.train.config import TINY_INFERENCE, TrainConfig
 from pmvis.platform.train.driver import resolve_config, run_training
 from pmvis.platform.train.pretrain import pretrain_demo_weights
 from pmvis.platform.tune.config import SweepConfig
@@ -114,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     options = _source_options(cfg, sources)
     options["boxinst"] = {"checkpoint": str(Path(box_only.checkpoint) / CHECKPOINT_FILENAME),
-                          "inference": {"test_short_side": None, "test_max_size": None}}
+                          "inference": dict(TINY_INFERENCE)}
     for name in ("hqsam", "track", "boxinst"):
         options.setdefault(name, {})["actors"] = cpus
     sources = sources + (["boxinst"] if "boxinst" not in sources else [])
