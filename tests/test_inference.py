@@ -46,7 +46,8 @@ from pmvis.platform.predict import predict_dataset, resolve_category_ids, tracks
 
 NUM_CLASSES = 5  # the synthetic categories, ids 1..5
 # Random weights score every query far below the paper's thresholds: take every query.
-TAKE_ALL = dict(score_threshold=0.0, new_track_score=0.0, test_short_side=None)
+# every query, every new track, every class (IDOL's 0.05 class threshold would drop a random model's tracks)
+TAKE_ALL = dict(score_threshold=0.0, new_track_score=0.0, class_threshold=0.0, test_short_side=None)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -163,7 +164,9 @@ def test_memory_embedding_is_score_and_time_weighted():
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     s = torch.tensor([0.5, 1.0, 0.25])
     w = s * torch.tensor([1 / 3, 2 / 3, 1.0])  # oldest first
-    assert torch.allclose(memory_embedding(e, s), (w[:, None] * e).sum(0) / w.sum())
+    assert torch.allclose(memory_embedding(e, s, "multiply"), (w[:, None] * e).sum(0) / w.sum())
+    w_add = s + torch.tensor([1 / 3, 2 / 3, 1.0])  # IDOL's default: score + temporal weight
+    assert torch.allclose(memory_embedding(e, s), (w_add[:, None] * e).sum(0) / w_add.sum())
     bank = MemoryBank(memory_length=3, max_missed=10)
     for k, (emb, sc) in enumerate([([9.0, 9.0], 1.0), *zip(e.tolist(), s.tolist())]):
         bank.add(7, torch.tensor(emb), sc)
@@ -197,10 +200,11 @@ def test_tracker_associates_identical_and_starts_new_tracks():
     assert tracker.step(torch.stack([e3, e2]), torch.tensor([0.1, 0.15])) == [None, 1]
 
 
-def test_tracker_drops_a_track_after_11_missed_frames():
+def test_tracker_drops_a_track_after_max_missed_frames():
     e = torch.tensor([10.0, 0.0])
     far = torch.tensor([0.0, 10.0])
-    for misses, expect_same in ((10, True), (11, False)):
+    # IDOL: a tracklet unmatched for memo_tracklet_frames = 10 frames is removed
+    for misses, expect_same in ((9, True), (10, False)):
         tracker = MemoryBankTracker(InferenceConfig(max_missed=10))
         assert tracker.step(e[None], torch.tensor([0.9])) == [0]
         for _ in range(misses):
@@ -277,9 +281,12 @@ def test_track_results_map_classes_to_category_ids():
 
     tr = Track(id=0, detections={1: det([0.2, 0.6]), 3: det([0.4, 0.2])})
     assert tr.label == 1 and tr.score == pytest.approx(0.4)  # mean [0.3, 0.4]
-    (r,) = tracks_to_results([tr], video_id=9, length=4, category_ids=[7, 3])
+    (r,) = tracks_to_results([tr], video_id=9, length=4, category_ids=[7, 3], cfg=InferenceConfig(multi_class=False))
     assert (r.video_id, r.category_id, r.score) == (9, 3, pytest.approx(0.4))
     assert [s is None for s in r.segmentations] == [True, False, True, False]
+    # IDOL's multi-class output (the default): both class means are above 0.05
+    both = tracks_to_results([tr], video_id=9, length=4, category_ids=[7, 3])
+    assert [(x.category_id, round(x.score, 3)) for x in both] == [(7, 0.3), (3, 0.4)]
 
 
 def test_predict_dataset_results_are_valid_ytvis(model, dataset, tmp_path):
@@ -332,6 +339,7 @@ def test_predict_cli_end_to_end(checkpoint, data_dir, tmp_path, capsys):
     out = tmp_path / "res" / "results.json"
     argv = ["predict", "--checkpoint", str(checkpoint), "--data", str(data_dir), "--out", str(out),
             "--set", "test_short_side=null", "--set", "score_threshold=0.0", "--set", "new_track_score=0",
+            "--set", "class_threshold=0",
             "--device", "cpu", "--no-progress", "--evaluate"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
