@@ -161,6 +161,8 @@ def test_pseudo_loss_divided_by_quality(synth_dir):
     assert sampler.pseudo_weight(ann, 1) == pytest.approx(1 / 0.5)  # the track's, where the frame has none
     ann.extra = {"quality": 0.0}
     assert sampler.pseudo_weight(ann, 0) == pytest.approx(1 / 0.05)  # floored, never ÷ 0
+    ann.extra = {}
+    assert sampler.pseudo_weight(ann, 0) == 1.0  # no quality recorded: neither up- nor down-weighted
     with pytest.raises(ValueError, match="exclude each other"):
         LossConfig(pseudo_quality_weighting=True, pseudo_divide_by_quality=True)
 
@@ -179,7 +181,8 @@ def test_init_from_another_class_count_keeps_all_but_the_class_heads(synth_dir, 
     loop = TrainingLoop(TrainConfig.tiny(synth_dir, iterations=2))  # 5 synthetic classes
     fresh = loop.core.transformer.class_heads[0].weight.detach().clone()
     loop.init_weights(read_checkpoint(path))
-    assert torch.equal(loop.core.transformer.box_heads[1].layers[0].weight, coco.transformer.box_heads[1].layers[0].weight)
+    box_layer = coco.transformer.box_heads[1].layers[0].weight
+    assert torch.equal(loop.core.transformer.box_heads[1].layers[0].weight, box_layer)
     assert torch.equal(loop.core.transformer.class_heads[0].weight, fresh)  # 5 rows, freshly initialised
     other = ModelConfig.tiny(num_classes=80, hidden_dim=64)
     save_checkpoint(tmp_path / "other.pt", build_model(other), other)

@@ -75,7 +75,8 @@ def predict_dataset(
     video_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[Result]:
-    """YTVIS results (per track: one per class, :func:`tracks_to_results`) for ``video_ids`` (default: every video) of ``dataset``.
+    """YTVIS results (per track: one per class, :func:`tracks_to_results`) for ``video_ids``
+    (default: every video) of ``dataset``.
 
     ``category_ids`` maps class index → category id (training stores it in the checkpoint,
     ``state["extra"]["category_ids"]``; see :func:`resolve_category_ids`); None: the dataset's

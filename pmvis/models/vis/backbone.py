@@ -43,6 +43,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str, strides: list[int], *, weights: str | None = None, freeze_bn: bool = True) -> None:
         super().__init__()
         available, self.stage_modules = _feature_info(name)
+        self.frozen: list[str] = []  # top-level modules of self.body kept frozen (freeze_stages)
         missing = [s for s in strides if s not in available]
         if missing:
             raise PmvisError(f"backbone {name!r} has feature strides {available}, not {missing}")
@@ -79,7 +80,7 @@ class Backbone(nn.Module):
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
-        for child_name in getattr(self, "frozen", []):
+        for child_name in self.frozen:
             getattr(self.body, child_name).eval()
         return self
 

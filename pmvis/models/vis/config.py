@@ -177,7 +177,7 @@ class LossConfig(StrictConfig):
     pseudo_quality_weighting: bool = False
     # True: divide each instance's pseudo-mask focal and dice terms by its mask quality (the PM-VIS
     # authors' final loss: ÷ the per-instance SAM IoU, then Σ / N), the quality floored at
-    # pseudo_quality_floor so a missing or zero quality cannot divide by zero
+    # pseudo_quality_floor so a zero quality cannot divide by zero (no quality recorded: weight 1)
     pseudo_divide_by_quality: bool = False
     pseudo_quality_floor: float = Field(0.05, gt=0.0, le=1.0)
     # --- TK-Loss (MaskFreeVIS, docs/design.md §4.2)

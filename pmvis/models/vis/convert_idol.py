@@ -48,7 +48,8 @@ ALIAS_PREFIX = BODY + "transformer.decoder.bbox_embed."
 _D2_RESNET = [
     (re.compile(r"^stem\.conv1\.norm\.(.+)$"), r"bn1.\1"),
     (re.compile(r"^stem\.conv1\.(weight|bias)$"), r"conv1.\1"),
-    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.norm\.(.+)$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.norm\.(.+)$"),
+     lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
     (re.compile(r"^res(\d)\.(\d+)\.shortcut\.(weight|bias)$"),
      lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.0.{m[3]}"),
     (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.norm\.(.+)$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),

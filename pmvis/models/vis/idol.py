@@ -121,7 +121,8 @@ class IDOL(nn.Module):
             self.mask_head = IdolMaskHead(d, d // 4, cfg.mask_channels)
         else:
             self.mask_branch = MaskBranch(
-                memory_dim=d, levels=len(cfg.backbone_strides), stride4_channels=self.backbone.channels[cfg.mask_stride],
+                memory_dim=d, levels=len(cfg.backbone_strides),
+                stride4_channels=self.backbone.channels[cfg.mask_stride],
                 channels=cfg.mask_branch_channels, convs=cfg.mask_branch_convs, out_channels=cfg.mask_channels,
                 groups=cfg.norm_groups)
         self.controller = Controller(d, cfg.num_mask_params)

@@ -74,7 +74,8 @@ class InferenceConfig(StrictConfig):
     new_track_score: float = Field(0.2, ge=0.0, le=1.0, description="an unmatched detection starts a track above this")
     max_missed: int = Field(10, ge=1, description="consecutive unmatched frames after which a track leaves the bank")
     # --- IDOL's choices (VNext projects/IDOL: idol.py, models/tracker.py); each False/other = pmvis's first rule
-    class_aware_nms: bool = Field(True, description="box NMS per argmax class (IDOL: batched_nms); false: across classes")
+    class_aware_nms: bool = Field(True, description="box NMS per argmax class (IDOL: batched_nms); "
+                                                    "false: across classes")
     top1_fallback: bool = Field(True, description="keep the best query when none passes score_threshold (IDOL)")
     temporal_weighting: Literal["add", "multiply"] = Field(
         "add", description="memory weight = score + temporal weight (IDOL) or score × temporal weight")
@@ -332,19 +333,17 @@ def predict_video(model: torch.nn.Module, frames: np.ndarray, cfg: InferenceConf
                     idx, scores, probs, boxes, logits = _select_frame(model, output, b, cfg, valid_stride)
                     ids = tracker.step(output.embeddings[b, idx], scores)
                     sel = [i for i, tid in enumerate(ids) if tid is not None]
-                    if not sel:
-                        drop_short_tracks(tracks, t, cfg)
-                        continue
-                    sel_t = torch.tensor(sel, dtype=torch.long, device=logits.device)
-                    masks = masks_to_frame(logits[sel_t], stride, size, (H, W)).cpu().numpy()
-                    frame_boxes = torch.minimum((boxes[sel_t] * to_frame).clamp(min=0), limit).cpu().numpy()
-                    sel_scores = scores[sel_t].float().cpu().numpy()
-                    sel_probs = probs[sel_t].float().cpu().numpy()
-                    for k, i in enumerate(sel):
-                        tid = ids[i]
-                        track = tracks.setdefault(tid, Track(id=tid))
-                        track.detections[t] = Detection(score=float(sel_scores[k]), class_scores=sel_probs[k],
-                                                        box=frame_boxes[k], mask=encode_mask(masks[k]))
+                    if sel:
+                        sel_t = torch.tensor(sel, dtype=torch.long, device=logits.device)
+                        masks = masks_to_frame(logits[sel_t], stride, size, (H, W)).cpu().numpy()
+                        frame_boxes = torch.minimum((boxes[sel_t] * to_frame).clamp(min=0), limit).cpu().numpy()
+                        sel_scores = scores[sel_t].float().cpu().numpy()
+                        sel_probs = probs[sel_t].float().cpu().numpy()
+                        for k, i in enumerate(sel):
+                            tid = ids[i]
+                            track = tracks.setdefault(tid, Track(id=tid))
+                            track.detections[t] = Detection(score=float(sel_scores[k]), class_scores=sel_probs[k],
+                                                            box=frame_boxes[k], mask=encode_mask(masks[k]))
                     drop_short_tracks(tracks, t, cfg)
     finally:
         model.train(was_training)

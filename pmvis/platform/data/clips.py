@@ -240,15 +240,16 @@ class ClipSampler:
     def pseudo_weight(self, pseudo: Annotation, frame: int) -> float:
         """The loss weight of ``pseudo``'s mask on ``frame``: 1; its quality (``pseudo_quality_weighting``);
         or 1 / max(quality, floor) (``pseudo_divide_by_quality``, the PM-VIS authors' ÷ SAM IoU). The
-        quality is the frame's (``frame_quality`` of `pmvis fuse`) where recorded, else the track's."""
+        quality is the frame's (``frame_quality`` of `pmvis fuse`) where recorded, else the track's;
+        none recorded: 1 (a missing quality says nothing, so it neither up- nor down-weights)."""
         if not (self.pseudo_quality_weighting or self.pseudo_divide_by_quality):
             return 1.0
         per_frame = pseudo.extra.get("frame_quality")
         q = per_frame[frame] if isinstance(per_frame, list) and frame < len(per_frame) else None
         q = pseudo.extra.get("quality") if q is None else q
-        if self.pseudo_divide_by_quality:
-            return 1.0 / max(float(q or 0.0), self.pseudo_quality_floor)
-        return 1.0 if q is None else float(q)
+        if q is None:
+            return 1.0
+        return 1.0 / max(float(q), self.pseudo_quality_floor) if self.pseudo_divide_by_quality else float(q)
 
     # -- sampling ------------------------------------------------------------------------------
 

@@ -125,7 +125,8 @@ class TrainConfig(StrictConfig):
         values: dict[str, Any] = {
             "model": ModelConfig.tiny(num_classes=TINY_NUM_CLASSES).model_dump(mode="json"),
             "loss": {"pairwise_warmup_iters": 50, "tk_warmup_calls": 100},  # TK: 50 iterations × 2 layers
-            "data": {"data_dir": str(data_dir), "short_side": None, "max_size": None, "crop": None, "val_fraction": 0.34},
+            "data": {"data_dir": str(data_dir), "short_side": None, "max_size": None, "crop": None,
+                     "val_fraction": 0.34},
             "iterations": 20, "batch_size": 2, "lr": 1e-3, "backbone_lr_mult": 1.0, "freeze_at": 0, "lr_steps": [15],
             "checkpoint_every": 10, "log_every": 5, "keep_checkpoints": 2,
             "inference": dict(TINY_INFERENCE),

@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pmvis.core.config import merge_values
+from pmvis.core.config import merge_values, read_config_values
 from pmvis.core.errors import PmvisError
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -23,7 +21,7 @@ def preset_values(name: str) -> dict[str, Any]:
     """The TrainConfig values of a file preset (its ``inherit:`` preset's first, then its own)."""
     if name not in FILE_PRESETS:
         raise PmvisError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    values = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    values = read_config_values(PRESET_DIR / f"{name}.yaml")
     parent = values.pop("inherit", None)
     return merge_values(preset_values(parent), values) if parent else values
 
